@@ -1,0 +1,1 @@
+"""Experiment modules: `python -m experiments.<name> [--quick] [--out DIR]`; `python -m experiments` runs all."""

@@ -1,0 +1,170 @@
+"""What every experiment shares: flags generated from a config dataclass, JSON and figure output, timing.
+
+An experiment module defines
+
+    @dataclasses.dataclass
+    class Config:
+        out: str = "results"
+        quick: bool = False
+        ...                                   # every field becomes a flag --field-name
+    QUICK = {"field": value, ...}             # overrides applied by --quick (explicit flags still win)
+
+    def run(cfg: Config) -> dict:             # returns the results; may call save_figure(cfg, fig, suffix)
+        ...
+
+    if __name__ == "__main__":
+        main(__name__, Config, run, QUICK)
+
+and `main` writes `<out>/<name>.json` with the config and the results. A results dict may carry a
+`"headline"` dict of the few numbers that `python -m experiments` copies into REPORT.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+def short_name(module_name: str) -> str:
+    return module_name.rsplit(".", 1)[-1]
+
+
+def parse_config(config_cls, quick_overrides: dict, argv: list[str] | None, prog: str, doc: str | None):
+    """Build argparse flags from the dataclass fields; apply `quick_overrides` under --quick."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(config_cls)
+    for field in dataclasses.fields(config_cls):
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        help_text = field.metadata.get("help", field.name.replace("_", " "))
+        if field.name in quick_overrides:
+            help_text += f" (--quick: {quick_overrides[field.name]})"
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{help_text} [default: {default}]")
+        elif typing.get_origin(kind) in (tuple, list):
+            inner = typing.get_args(kind)[0]
+            parser.add_argument(flag, type=inner, nargs="+", default=None,
+                                help=f"{help_text} [default: {' '.join(map(str, default))}]")
+        else:
+            choices = field.metadata.get("choices")
+            parser.add_argument(flag, type=kind, default=None, choices=choices,
+                                help=f"{help_text} [default: {default}]")
+    args = vars(parser.parse_args(argv))
+    values = {}
+    if args.get("quick"):
+        values.update(quick_overrides)
+    values.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if v is not None})
+    return config_cls(**values)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Numbers, arrays and nested containers as plain JSON values (non-finite floats as strings)."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    if hasattr(obj, "tolist"):  # numpy and jax arrays and scalars
+        return to_jsonable(np.asarray(obj).tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_jsonable(data), indent=2) + "\n")
+
+
+def save_figure(cfg, fig, name: str) -> Path:
+    """Save a matplotlib figure as `<out>/<name>.png` and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(cfg.out) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def run_experiment(module_name: str, config_cls, run: Callable, quick_overrides: dict,
+                   argv: list[str] | None = None, doc: str | None = None) -> dict:
+    """Parse flags, run, and write `<out>/<name>.json`; returns the results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    name = short_name(module_name)
+    cfg = parse_config(config_cls, quick_overrides, argv, f"python -m experiments.{name}", doc)
+    start = time.perf_counter()
+    results = run(cfg)
+    results = {"experiment": name, "config": dataclasses.asdict(cfg), **results,
+               "wall_s": time.perf_counter() - start}
+    path = Path(cfg.out) / f"{name}.json"
+    write_json(path, results)
+    print(f"wrote {path}")
+    return results
+
+
+def main(module_name: str, config_cls, run: Callable, quick_overrides: dict) -> None:
+    doc = sys.modules[module_name].__doc__ if module_name in sys.modules else None
+    run_experiment(module_name, config_cls, run, quick_overrides, sys.argv[1:], doc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing for the bench_* modules: compile excluded, results blocked on, median of repeats.
+
+def time_compiled(fn: Callable, *args, repeats: int = 5, number: int = 1) -> dict:
+    """Compile `fn` (a jax.jit-ed function) for `args`, then time it.
+
+    Returns {"compile_s", "run_s" (median over `repeats` of the mean of `number` calls), "runs_s"}.
+    """
+    import jax
+
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    jax.block_until_ready(compiled(*args))  # warm-up
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            out = compiled(*args)
+        jax.block_until_ready(out)
+        runs.append((time.perf_counter() - start) / number)
+    return {"compile_s": compile_s, "run_s": statistics.median(runs), "runs_s": runs}
+
+
+def time_interleaved(fns: dict[str, Callable], args: dict[str, tuple], repeats: int = 7,
+                     number: int = 1) -> dict[str, dict]:
+    """Time several compiled functions in alternation, so drift in machine load hits all alike."""
+    import jax
+
+    compiled, compile_s = {}, {}
+    for key, fn in fns.items():
+        start = time.perf_counter()
+        compiled[key] = fn.lower(*args[key]).compile()
+        compile_s[key] = time.perf_counter() - start
+        jax.block_until_ready(compiled[key](*args[key]))
+    runs = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key in fns:
+            start = time.perf_counter()
+            for _ in range(number):
+                out = compiled[key](*args[key])
+            jax.block_until_ready(out)
+            runs[key].append((time.perf_counter() - start) / number)
+    return {key: {"compile_s": compile_s[key], "run_s": statistics.median(runs[key]),
+                  "runs_s": runs[key]} for key in fns}
