@@ -5,3 +5,15 @@ f. `odeint` integrates a field with a fixed-step solver (a discrete-depth networ
 RK4 = RK-Net, Leapfrog = Hamiltonian net) or an adaptive one (a continuous-depth neural ODE, through
 diffrax), and differentiates the integration with the chosen adjoint.
 """
+
+from neuralode import fields
+from neuralode.adjoints import BacksolveAdjoint, CheckpointAdjoint, DiscreteAdjoint
+from neuralode.fields import ConvField, DepthStack, MLPField
+from neuralode.solve import Solution, odeint, solve
+from neuralode.solvers import RK4, Dopri5, Euler, Heun, Leapfrog, Midpoint, Tsit5
+
+__all__ = [
+    "BacksolveAdjoint", "CheckpointAdjoint", "ConvField", "DepthStack", "DiscreteAdjoint",
+    "Dopri5", "Euler", "Heun", "Leapfrog", "MLPField", "Midpoint", "RK4", "Solution", "Tsit5",
+    "fields", "odeint", "solve",
+]

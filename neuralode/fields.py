@@ -1,0 +1,112 @@
+"""Vector fields f(t, y) as flax.nnx modules: the only place a network lives.
+
+Every field is called as `field(t, y)` and returns dy/dt with the shape of `y`. `odeint` splits a
+field into its graph and parameters itself. Depth-varying parameters (one theta_k per residual
+block) are a `DepthStack`: the parameters carry a leading depth axis and step k of a fixed-step
+solve uses slice k for all of its stages, so an L-step Euler solve of a `DepthStack` of L fields is
+an L-block ResNet.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _with_time(t, y, channel_axis_last: bool = True):
+    """Append t as one extra feature (or channel) to y: the "concat" time conditioning of
+    Chen et al. 2018, torchdiffeq's ConcatConv2d."""
+    t_feature = jnp.broadcast_to(jnp.asarray(t, y.dtype), y.shape[:-1] + (1,))
+    return jnp.concatenate([y, t_feature], axis=-1)
+
+
+class MLPField(nnx.Module):
+    """f(t, y) = W_n s(... s(W_1 [y, t] + b_1) ...) + b_n on the last axis of y (any batch axes).
+
+    `time_dependent` appends t to the input of every layer; `activation` s is applied between layers.
+    """
+
+    def __init__(self, features: int, hidden: int = 64, layers: int = 2, *,
+                 time_dependent: bool = False, activation: Callable = jnp.tanh,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
+        extra = 1 if time_dependent else 0
+        sizes = [features] + [hidden] * (layers - 1) + [features]
+        self.layers = nnx.List([nnx.Linear(sizes[i] + extra, sizes[i + 1], param_dtype=param_dtype,
+                                            rngs=rngs) for i in range(layers)])
+        self.time_dependent = time_dependent
+        self.activation = activation
+
+    def __call__(self, t, y):
+        h = y
+        for i, layer in enumerate(self.layers):
+            if i > 0:
+                h = self.activation(h)
+            h = layer(_with_time(t, h) if self.time_dependent else h)
+        return h
+
+
+class ConvField(nnx.Module):
+    """f(t, y) = conv_2(s(norm_2(conv_1(s(norm_1(y)))))) with "same" padding, channels last
+    (NWC for `spatial_dims=1`, NHWC for 2): the pre-activation residual branch of He et al. 2016
+    and the ODE function of Chen et al. 2018. `time_dependent` feeds t as an extra input channel to
+    both convolutions; `norm` adds GroupNorm (min(32, channels) groups) before each activation.
+    """
+
+    def __init__(self, channels: int, hidden: int | None = None, *, kernel_size: int = 3,
+                 spatial_dims: int = 2, time_dependent: bool = False, norm: bool = False,
+                 activation: Callable = jax.nn.relu, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        hidden = hidden or channels
+        extra = 1 if time_dependent else 0
+        kernel = (kernel_size,) * spatial_dims
+        self.conv1 = nnx.Conv(channels + extra, hidden, kernel, padding="SAME",
+                              param_dtype=param_dtype, rngs=rngs)
+        self.conv2 = nnx.Conv(hidden + extra, channels, kernel, padding="SAME",
+                              param_dtype=param_dtype, rngs=rngs)
+        if norm:
+            self.norm1 = nnx.GroupNorm(channels, num_groups=min(32, channels),
+                                       param_dtype=param_dtype, rngs=rngs)
+            self.norm2 = nnx.GroupNorm(hidden, num_groups=min(32, hidden),
+                                       param_dtype=param_dtype, rngs=rngs)
+        self.norm = norm
+        self.time_dependent = time_dependent
+        self.activation = activation
+
+    def __call__(self, t, y):
+        h = self.activation(self.norm1(y) if self.norm else y)
+        h = self.conv1(_with_time(t, h) if self.time_dependent else h)
+        h = self.activation(self.norm2(h) if self.norm else h)
+        return self.conv2(_with_time(t, h) if self.time_dependent else h)
+
+
+class DepthStack(nnx.Module):
+    """`depth` copies of a field with independent parameters, stored with a leading depth axis.
+
+    `make_field(rngs)` builds one field; each copy is initialised from its own split of `rngs`.
+    Solved with a fixed-step solver over exactly `depth` steps, step k uses copy k for all of its
+    stages. `layer(k)` returns copy k as an ordinary field.
+    """
+
+    def __init__(self, make_field: Callable[[nnx.Rngs], nnx.Module], depth: int, *,
+                 rngs: nnx.Rngs):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+
+        @nnx.split_rngs(splits=depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return make_field(rngs)
+
+        self.layers = create(rngs)
+        self.depth = depth
+
+    def layer(self, k: int) -> nnx.Module:
+        graphdef, state = nnx.split(self.layers)
+        return nnx.merge(graphdef, jax.tree.map(lambda x: x[k], state))
+
+    def __call__(self, t, y):
+        raise TypeError("a DepthStack has one field per step: integrate it with odeint and a "
+                        "fixed-step solver, or call .layer(k)(t, y)")

@@ -1,0 +1,360 @@
+"""Geometric multigrid for -div(a grad u) = f on the unit interval/square, Dirichlet u = 0.
+
+Grids are cell-vertex: n intervals per side (n a power of two), h = 1/n, and the unknowns are the
+n - 1 interior vertices per side, so an unbatched field has shape (n - 1,) or (n - 1, n - 1).
+Coarsening halves n; coarse vertex I sits on fine vertex 2I + 1. Everything here is pure array code
+on one right-hand side; batch with `jax.vmap` (operators are pytrees with static sizes).
+
+Iteration for A u = f (Briggs, Henson & McCormick, "A Multigrid Tutorial", 2000; Trottenberg,
+Oosterlee & Schueller, "Multigrid", 2001):
+  weighted Jacobi      u <- u + omega D^{-1} (f - A u)              (a residual update)
+  red-black GS         the same with omega = 1, first on red, then on black vertices
+  two-grid correction  u <- u + P A_c^{-1} R (f - A u),  R = P^T / 2^d (full weighting, (bi)linear P)
+  V/W/F cycles         the coarse solve replaced by 1, 2 (W) or an F then a V cycle, recursively
+Coarse operators are rediscretised (constant Poisson) or Galerkin products A_c = R A P, which keep a
+9-point stencil per coarse vertex and are the right choice for variable coefficients.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SMOOTHERS = ("jacobi", "gauss_seidel")
+CYCLES = ("V", "W", "F")
+
+
+def _check_size(name: str, n) -> int:
+    if not isinstance(n, (int, np.integer)) or n < 2 or n & (n - 1):
+        raise ValueError(f"{name} must be a power of two >= 2 so the grid can be halved down to one "
+                         f"unknown; got {n!r}")
+    return int(n)
+
+
+def _check_field(name: str, x, shape: tuple[int, ...]):
+    x = jnp.asarray(x)
+    if x.shape != shape:
+        raise ValueError(f"{name} must have shape {shape} (the operator's interior grid), got {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), f"{name} must be finite (found NaN or inf)")
+
+
+def _shift(u, axis: int, offset: int):
+    """v[i] = u[i + offset] along `axis`, zero outside (the Dirichlet boundary)."""
+    pad = [(0, 0)] * u.ndim
+    pad[axis] = (max(-offset, 0), max(offset, 0))
+    up = jnp.pad(u, pad)
+    return jax.lax.slice_in_dim(up, max(offset, 0), max(offset, 0) + u.shape[axis], axis=axis)
+
+
+class Poisson(eqx.Module):
+    """-Laplace u = f with the (2 ndim + 1)-point stencil (2 ndim u_i - sum of neighbours) / h^2."""
+
+    n: int = eqx.field(static=True)
+    ndim: int = eqx.field(static=True)
+
+    def __init__(self, n: int, ndim: int = 2):
+        if ndim not in (1, 2):
+            raise ValueError(f"ndim must be 1 or 2, got {ndim!r}")
+        self.n, self.ndim = _check_size("n", n), ndim
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.n - 1,) * self.ndim
+
+    def __call__(self, u):
+        out = 2 * self.ndim * u
+        for axis in range(self.ndim):
+            out = out - _shift(u, axis, 1) - _shift(u, axis, -1)
+        return out * float(self.n**2)
+
+    def diagonal(self, dtype=float):
+        return jnp.asarray(2 * self.ndim * self.n**2, dtype)
+
+    def coarsen(self, galerkin: bool = False):
+        """Rediscretisation on the grid with n/2; in 1-D the Galerkin product R A P is the same operator."""
+        if galerkin and self.ndim == 2:
+            return galerkin_product(self, full_weighting(2), bilinear(2))
+        return Poisson(self.n // 2, self.ndim)
+
+
+class Stencil(eqx.Module):
+    """A 2-D operator with a 9-point stencil per vertex: (A u)[i, j] = sum_ab w[i, j, a, b] u[i+a-1, j+b-1]."""
+
+    weights: jax.Array  # (n - 1, n - 1, 3, 3)
+    ndim = 2
+
+    @property
+    def n(self) -> int:
+        return self.weights.shape[0] + 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weights.shape[:2]
+
+    def __call__(self, u):
+        m = u.shape[0]
+        up = jnp.pad(u, 1)
+        w = self.weights.astype(u.dtype)
+        return sum(w[..., a, b] * up[a:a + m, b:b + m] for a in range(3) for b in range(3))
+
+    def diagonal(self, dtype=float):
+        return self.weights[..., 1, 1].astype(dtype)
+
+    def coarsen(self, galerkin: bool = True):
+        """Always the Galerkin product R A P (no coefficient field to rediscretise)."""
+        return galerkin_product(self, full_weighting(2), bilinear(2))
+
+
+def diffusion(a) -> Stencil:
+    """-div(a grad u) with `a` given on the n x n cells; a face takes the mean of its two cells.
+
+    Vertex (i, j) couples to its east neighbour with -(a[i, j-1] + a[i, j]) / (2 h^2) (the two cells
+    sharing that edge), likewise north/south/west; the diagonal is minus the sum of the four.
+    """
+    a = jnp.asarray(a)
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise ValueError(f"a must be a square (n, n) array of cell coefficients, got shape {a.shape}")
+    n = _check_size("a.shape[0] (the number of cells per side)", a.shape[0])
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise TypeError(f"a must be a floating-point array, got dtype {a.dtype}")
+    if not isinstance(a, jax.core.Tracer) and not bool(np.all(np.asarray(a) > 0)):
+        raise ValueError("a must be positive and finite everywhere (the diffusion coefficient)")
+    a = eqx.error_if(a, ~jnp.all(a > 0) | ~jnp.all(jnp.isfinite(a)), "a must be positive and finite")
+    ax = (a[:, :-1] + a[:, 1:]) / 2  # edges along axis 0, (n, n - 1)
+    ay = (a[:-1, :] + a[1:, :]) / 2  # edges along axis 1, (n - 1, n)
+    east, west, north, south = ax[1:, :], ax[:-1, :], ay[:, 1:], ay[:, :-1]
+    inside = jnp.ones((n - 1, n - 1), a.dtype)
+    keep = lambda x, axis, offset: x * _shift(inside, axis, offset)  # no coupling to the boundary
+    w = jnp.zeros((n - 1, n - 1, 3, 3), a.dtype)
+    w = w.at[..., 1, 1].set(east + west + north + south)
+    w = w.at[..., 0, 1].set(-keep(west, 0, -1)).at[..., 2, 1].set(-keep(east, 0, 1))
+    w = w.at[..., 1, 0].set(-keep(south, 1, -1)).at[..., 1, 2].set(-keep(north, 1, 1))
+    return Stencil(w * float(n**2))
+
+
+def stencil_of(apply: Callable, m: int, dtype=float) -> Stencil:
+    """The 9-point stencil of a linear map on an m x m grid, read off by probing with 9 colourings.
+
+    Vertices coloured by (i mod 3, j mod 3) never share a 3x3 neighbourhood, so one application to
+    the indicator of a colour returns, at each vertex, the coupling to its neighbour of that colour.
+    """
+    i = np.arange(m)
+    colour = (i[:, None] % 3) * 3 + i[None, :] % 3
+    probes = jnp.asarray(colour[None] == np.arange(9)[:, None, None], dtype)
+    out = jax.vmap(apply)(probes)  # (9, m, m)
+    a = np.arange(3)
+    ci = (i[:, None] + a[None, :] - 1) % 3  # (m, 3): colour index of neighbour row
+    idx = ci[:, None, :, None] * 3 + ci[None, :, None, :]  # (m, m, 3, 3)
+    w = out[idx, i[:, None, None, None], i[None, :, None, None]]
+    inside = ((i[:, None] + a - 1 >= 0) & (i[:, None] + a - 1 < m))
+    return Stencil(w * jnp.asarray(inside[:, None, :, None] & inside[None, :, None, :], dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Transfers: restriction is a stride-2 convolution, prolongation its transpose.
+
+def full_weighting(ndim: int = 2) -> np.ndarray:
+    """[1 2 1]/4 in 1-D, its tensor square [1 2 1; 2 4 2; 1 2 1]/16 in 2-D."""
+    s = np.array([1.0, 2.0, 1.0]) / 4
+    return s if ndim == 1 else np.outer(s, s)
+
+
+def bilinear(ndim: int = 2) -> np.ndarray:
+    """(Bi)linear interpolation as a stencil: 2^ndim times full weighting."""
+    return full_weighting(ndim) * 2**ndim
+
+
+def _conv(x, kernel, **kw):
+    k = jnp.asarray(kernel, x.dtype)[None, None]
+    out = jax.lax.conv_general_dilated(x[None, None], k, precision=jax.lax.Precision.HIGHEST, **kw)
+    return out[0, 0]
+
+
+def restrict(r, stencil=None):
+    """Coarse value I = sum_a s[a] r[2I + a]: a stride-2 'VALID' convolution, (n-1) -> (n/2-1) per side."""
+    s = full_weighting(r.ndim) if stencil is None else stencil
+    return _conv(r, s, window_strides=(2,) * r.ndim, padding="VALID")
+
+
+def prolong(v, stencil=None):
+    """Fine value 2I + a += s[a] v[I]: the transposed convolution of `restrict`, (m) -> (2m + 1) per side."""
+    s = bilinear(v.ndim) if stencil is None else stencil
+    flipped = jnp.flip(jnp.asarray(s), axis=tuple(range(v.ndim)))
+    return _conv(v, flipped, window_strides=(1,) * v.ndim, padding=[(2, 2)] * v.ndim,
+                 lhs_dilation=(2,) * v.ndim)
+
+
+def galerkin_product(op, restriction, prolongation) -> Stencil:
+    """A_c = R A P as a 9-point stencil (R, P given as 3x3 transfer stencils)."""
+    m = op.n // 2 - 1
+    dtype = op.weights.dtype if isinstance(op, Stencil) else jnp.asarray(restriction).dtype
+    return stencil_of(lambda v: restrict(op(prolong(v, prolongation)), restriction), m, dtype)
+
+
+def hierarchy(op, galerkin: bool | None = None) -> tuple:
+    """Operators from the finest grid down to one unknown (n = 2). Galerkin defaults to variable stencils."""
+    levels = [op]
+    while levels[-1].n > 2:
+        levels.append(levels[-1].coarsen() if galerkin is None else levels[-1].coarsen(galerkin))
+    return tuple(levels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Smoothers
+
+def jacobi(op, u, f, omega: float = 2 / 3, sweeps: int = 1):
+    """Weighted Jacobi: u <- u + omega D^{-1} (f - A u), `sweeps` times."""
+    inv_d = omega / op.diagonal(u.dtype)
+    return jax.lax.fori_loop(0, sweeps, lambda _, u: u + inv_d * (f - op(u)), u)
+
+
+def _colours(shape, ndim):
+    """Parity classes of the vertices: 2 (red, black) in 1-D, 4 in 2-D (red = the two even-sum ones)."""
+    idx = np.indices(shape)
+    parity = sum((idx[k] % 2) * 2**k for k in range(ndim))
+    return [parity == c for c in ((0, 3, 1, 2) if ndim == 2 else (0, 1))]
+
+
+def gauss_seidel(op, u, f, sweeps: int = 1):
+    """Red-black Gauss-Seidel: each colour set to D^{-1} (f - offdiag(A) u) with the others fixed.
+
+    For 5-point stencils the ordering (0,0), (1,1), (0,1), (1,0) is red-black; for 9-point (Galerkin)
+    stencils it is the four-colour ordering, which is still an exact Gauss-Seidel sweep.
+    """
+    inv_d = 1 / op.diagonal(u.dtype)
+    masks = [jnp.asarray(m) for m in _colours(u.shape, u.ndim)]
+
+    def sweep(_, u):
+        for mask in masks:
+            u = jnp.where(mask, u + inv_d * (f - op(u)), u)
+        return u
+    return jax.lax.fori_loop(0, sweeps, sweep, u)
+
+
+def smooth(op, u, f, sweeps: int, smoother: str, omega: float):
+    if smoother == "jacobi":
+        return jacobi(op, u, f, omega, sweeps)
+    return gauss_seidel(op, u, f, sweeps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cycles
+
+def _check_cycle(kind, smoother, nu1, nu2):
+    if kind not in CYCLES:
+        raise ValueError(f"kind must be one of {CYCLES}, got {kind!r}")
+    if smoother not in SMOOTHERS:
+        raise ValueError(f"smoother must be one of {SMOOTHERS}, got {smoother!r}")
+    for name, nu in (("nu1", nu1), ("nu2", nu2)):
+        if not isinstance(nu, int) or nu < 0:
+            raise ValueError(f"{name} must be a non-negative int (smoothing sweeps), got {nu!r}")
+
+
+def cycle(levels, u, f, kind: str = "V", nu1: int = 2, nu2: int = 1, smoother: str = "gauss_seidel",
+          omega: float = 2 / 3, level: int = 0):
+    """One multigrid cycle on levels[level:]: pre-smooth, coarse-grid correction, post-smooth.
+
+    The coarse correction solves A_c e = R (f - A u) from e = 0 with one cycle (V), two (W), or an
+    F then a V cycle (F); on one unknown it is exact, e = r / A.
+    """
+    op = levels[level]
+    if level == len(levels) - 1:
+        return f / op.diagonal(f.dtype)
+    u = smooth(op, u, f, nu1, smoother, omega)
+    rc = restrict(f - op(u))
+    coarse = lambda k, e: cycle(levels, e, rc, k, nu1, nu2, smoother, omega, level + 1)
+    ec = jnp.zeros_like(rc)
+    if kind == "V":
+        ec = coarse("V", ec)
+    elif kind == "W":
+        ec = jax.lax.fori_loop(0, 2, lambda _, e: coarse("W", e), ec)
+    else:
+        ec = coarse("V", coarse("F", ec))
+    u = u + prolong(ec)
+    return smooth(op, u, f, nu2, smoother, omega)
+
+
+def fmg(levels, f, nu1: int = 2, nu2: int = 1, smoother: str = "gauss_seidel", omega: float = 2 / 3,
+        cycles: int = 1):
+    """Full multigrid: solve on the coarsest grid, then interpolate up and apply `cycles` V-cycles per level.
+
+    The right-hand sides of the coarse problems are full-weighting restrictions of f.
+    """
+    f = _check_field("f", f, levels[0].shape)
+    _check_cycle("V", smoother, nu1, nu2)
+    rhs = [f]
+    for _ in levels[1:]:
+        rhs.append(restrict(rhs[-1]))
+    u = rhs[-1] / levels[-1].diagonal(f.dtype)
+    for level in range(len(levels) - 2, -1, -1):
+        u = prolong(u)
+        step = lambda _, u: cycle(levels, u, rhs[level], "V", nu1, nu2, smoother, omega, level)
+        u = jax.lax.fori_loop(0, cycles, step, u)
+    return u
+
+
+class Solution(NamedTuple):
+    u: jax.Array
+    residuals: jax.Array  # ||f - A u_k|| / ||f|| for k = 0..max_cycles (NaN after convergence)
+    cycles: jax.Array     # cycles taken
+    converged: jax.Array
+
+
+def solve(op, f, u0=None, *, kind: str = "V", nu1: int = 2, nu2: int = 1,
+          smoother: str = "gauss_seidel", omega: float = 2 / 3, galerkin: bool | None = None,
+          rtol: float = 1e-8, max_cycles: int = 50) -> Solution:
+    """Multigrid cycles until ||f - A u|| <= rtol ||f|| or max_cycles, with the residual history."""
+    f = _check_field("f", f, op.shape)
+    u0 = jnp.zeros_like(f) if u0 is None else _check_field("u0", u0, op.shape).astype(f.dtype)
+    _check_cycle(kind, smoother, nu1, nu2)
+    if not isinstance(max_cycles, int) or max_cycles < 1:
+        raise ValueError(f"max_cycles must be a positive int, got {max_cycles!r}")
+    levels = hierarchy(op, galerkin)
+    fnorm = jnp.linalg.norm(f)
+    history = jnp.full((max_cycles + 1,), jnp.nan, f.dtype).at[0].set(jnp.linalg.norm(f - op(u0)) / fnorm)
+
+    def not_done(state):
+        _, hist, k = state
+        return (k < max_cycles) & (hist[k] > rtol)
+
+    def step(state):
+        u, hist, k = state
+        u = cycle(levels, u, f, kind, nu1, nu2, smoother, omega)
+        return u, hist.at[k + 1].set(jnp.linalg.norm(f - op(u)) / fnorm), k + 1
+
+    u, history, k = jax.lax.while_loop(not_done, step, (u0, history, jnp.asarray(0)))
+    return Solution(u, history, k, history[k] <= rtol)
+
+
+def residual_history(step: Callable, op, f, u0, num_steps: int):
+    """Relative residuals ||f - A u_k|| / ||f||, k = 0..num_steps, of the iteration u_{k+1} = step(u_k)."""
+    fnorm = jnp.linalg.norm(f)
+    res = lambda u: jnp.linalg.norm(f - op(u)) / fnorm
+
+    def body(u, _):
+        u = step(u)
+        return u, res(u)
+    _, hist = jax.lax.scan(body, u0, None, length=num_steps)
+    return jnp.concatenate([res(u0)[None], hist])
+
+
+def convergence_factor(error_map: Callable, e0, iterations: int = 50):
+    """Asymptotic convergence factor of a linear iteration: power iteration on e <- M e.
+
+    M is the error propagation (the iteration applied with f = 0); returns ||M e_k|| / ||e_k|| after
+    `iterations` normalised steps, which tends to the spectral radius of M (to its norm-like largest
+    growth for non-normal M).
+    """
+    def body(_, carry):
+        e, _ = carry
+        e = e / jnp.linalg.norm(e)
+        me = error_map(e)
+        return me, jnp.linalg.norm(me)
+    _, rho = jax.lax.fori_loop(0, iterations, body, (e0, jnp.linalg.norm(e0)))
+    return rho
