@@ -1,0 +1,202 @@
+"""Training: config checks, schedules, metrics, exact resume after SIGKILL, checkpoint fallback."""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from neuralode import train as training
+from neuralode.train import TrainConfig, learning_rate_schedule, read_metrics, train
+
+sys.path.insert(0, os.path.dirname(__file__))
+import train_script  # noqa: E402
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "train_script.py")
+TOTAL_STEPS = 40  # 4 epochs of 10 batches
+
+
+def without_timings(records):
+    return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in records]
+
+
+def assert_params_bitwise_equal(found: dict, expected: dict):
+    assert found.keys() == expected.keys()
+    for name in expected:
+        assert found[name].dtype == expected[name].dtype == np.float64
+        assert found[name].tobytes() == expected[name].tobytes(), name
+
+
+def corrupt(step_directory):
+    """Truncate every file of a checkpoint's state, as a torn write to disk would."""
+    state = os.path.join(step_directory, "state")
+    for root, _, files in os.walk(state):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run: its workdir, final parameters and returned record."""
+    workdir = tmp_path_factory.mktemp("reference")
+    model = train_script.make_model()
+    result = train(model, train_script.tiny_dataset(), train_script.CONFIG, workdir)
+    return workdir, train_script.flat_params(model), result, model
+
+
+def test_config_rejects_bad_values_by_name():
+    for field, value, message in [
+        ("epochs", 0, "TrainConfig.epochs: expected a positive integer, found 0"),
+        ("batch_size", 2.5, "TrainConfig.batch_size: expected a positive integer, found 2.5"),
+        ("learning_rate", -1.0, "TrainConfig.learning_rate: expected > 0, found -1.0"),
+        ("schedule", "step", r"TrainConfig.schedule: unknown 'step', expected one of \('constant', 'cosine'\)"),
+        ("optimizer", "lamb", "TrainConfig.optimizer: unknown 'lamb'"),
+        ("weight_decay", -0.1, "TrainConfig.weight_decay: expected >= 0"),
+        ("warmup_steps", -1, "TrainConfig.warmup_steps: expected an integer >= 0"),
+        ("checkpoint_every", 0, "TrainConfig.checkpoint_every: expected a positive integer"),
+        ("grad_clip_norm", 0.0, "TrainConfig.grad_clip_norm: expected None or > 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**{field: value})
+
+
+def test_learning_rate_schedules():
+    cosine = learning_rate_schedule(TrainConfig(learning_rate=0.1, schedule="cosine", warmup_steps=10), 110)
+    np.testing.assert_allclose([cosine(0), cosine(5), cosine(10), cosine(60), cosine(110)],
+                               [0.0, 0.05, 0.1, 0.05, 0.0], atol=1e-7)
+    constant = learning_rate_schedule(TrainConfig(learning_rate=0.1, schedule="constant"), 50)
+    np.testing.assert_allclose([constant(0), constant(49)], [0.1, 0.1], atol=1e-7)
+
+
+def test_reference_run_learns_and_logs_every_epoch(reference):
+    workdir, _, result, model = reference
+    records = read_metrics(workdir)
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert [r["step"] for r in records] == [10, 20, 30, 40]
+    assert result == records[-1]
+    assert records[-1]["train_loss"] < 0.5 * records[0]["train_loss"]
+    assert records[-1]["train_accuracy"] >= 0.9 and records[-1]["test_accuracy"] >= 0.85
+    lrs = [r["learning_rate"] for r in records]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 1e-4  # cosine decay to ~0
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["35", "40"]  # keep the last 2
+    assert model.dropout.deterministic  # left in eval mode
+    # The returned test metrics are those of the final parameters.
+    ds = train_script.tiny_dataset()
+    logits = model(jnp.asarray(ds.x_test, dtype=jnp.float64))
+    expected = float((np.argmax(np.asarray(logits), -1) == ds.y_test).mean())
+    assert records[-1]["test_accuracy"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_sigkill_after_checkpoint_then_resume_is_bitwise_equal(reference, tmp_path):
+    ref_workdir, ref_params, _, _ = reference
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    checkpoints = tmp_path / "checkpoints"
+    first = subprocess.Popen([sys.executable, SCRIPT, str(tmp_path), "fresh"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+        assert first.poll() is None, first.stdout.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.002)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL
+    saved = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert saved and saved[-1] < TOTAL_STEPS, f"the run was not interrupted: checkpoints {saved}"
+    assert not (tmp_path / "final_params.npz").exists()
+
+    second = subprocess.run([sys.executable, SCRIPT, str(tmp_path), "resume"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    with np.load(tmp_path / "final_params.npz") as resumed:
+        assert_params_bitwise_equal(dict(resumed), ref_params)
+    assert without_timings(read_metrics(tmp_path)) == without_timings(read_metrics(ref_workdir))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path):
+    ref_workdir, ref_params, _, _ = reference
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_workdir, workdir)
+    corrupt(workdir / "checkpoints" / "40")
+    model = train_script.make_model()
+    with pytest.warns(RuntimeWarning, match=r"checkpoints/40 is unusable"):
+        train(model, train_script.tiny_dataset(), train_script.CONFIG, workdir, resume=True)
+    # Restored step 35, trained the last 5 steps again, and got the same parameters.
+    assert_params_bitwise_equal(train_script.flat_params(model), ref_params)
+    assert without_timings(read_metrics(workdir)) == without_timings(read_metrics(ref_workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["35", "40"]
+    (aside,) = os.listdir(workdir / "unusable_checkpoints")  # kept for inspection, not deleted
+    assert aside.startswith("40-")
+
+
+def test_resume_without_usable_checkpoint_is_a_clear_error(reference, tmp_path):
+    ref_workdir, _, _, _ = reference
+    data = train_script.tiny_dataset()
+    with pytest.raises(FileNotFoundError, match="resume=True but .*checkpoints holds no checkpoint"):
+        train(train_script.make_model(), data, train_script.CONFIG, tmp_path / "empty", resume=True)
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_workdir, workdir)
+    for step in ("35", "40"):
+        corrupt(workdir / "checkpoints" / step)
+    with pytest.warns(RuntimeWarning, match="unusable"):
+        with pytest.raises(RuntimeError, match=r"none of the 2 checkpoints .* can be restored:\n  step 40: .*\n  step 35: "):
+            train(train_script.make_model(), data, train_script.CONFIG, workdir, resume=True)
+    assert read_metrics(workdir) == read_metrics(ref_workdir)  # nothing was lost or rewritten
+
+
+def test_workdir_and_config_mismatches_are_refused(reference, tmp_path):
+    ref_workdir, _, _, _ = reference
+    data = train_script.tiny_dataset()
+    with pytest.raises(FileExistsError, match="already holds a run .* pass resume=True"):
+        train(train_script.make_model(), data, train_script.CONFIG, ref_workdir)
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_workdir, workdir)
+    changed = dataclasses.replace(train_script.CONFIG, batch_size=8)
+    with pytest.raises(ValueError, match="config: resuming with settings that differ .*batch_size: checkpoint 16, now 8"):
+        train(train_script.make_model(), data, changed, workdir, resume=True)
+    smaller = data._replace(x_train=data.x_train[:80], y_train=data.y_train[:80])
+    with pytest.raises(ValueError, match=r"dataset: checkpoint was trained on .*'train': \[160, 8, 1\]"):
+        train(train_script.make_model(), smaller, train_script.CONFIG, workdir, resume=True)
+
+
+def test_model_with_wrong_logits_is_refused(tmp_path):
+    data = train_script.tiny_dataset()
+    model = train_script.MLP(8, 16, 3, rngs=nnx.Rngs(0))  # 3 logits for 4 classes
+    with pytest.raises(ValueError, match=r"model: maps a batch of 2 inputs \(8, 1\) to \(2, 3\), expected logits of shape \(2, 4\)"):
+        train(model, data, train_script.CONFIG, tmp_path)
+
+
+def test_custom_loss_fn_adds_regulariser_and_metrics(tmp_path):
+    """The hook an ODE model uses: extra loss terms and extra metrics (e.g. NFE) logged per epoch."""
+
+    def loss_fn(model, x, y):
+        loss, metrics = training.classification_metrics(model(x), y)
+        squares = sum(jnp.sum(p**2) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        nfe = jnp.asarray(x.shape[0], dtype=jnp.float64)  # stands in for a per-batch statistic
+        return loss + 1e-3 * squares, {**metrics, "squares": squares, "nfe": nfe}
+
+    config = dataclasses.replace(train_script.CONFIG, epochs=2, checkpoint_every=100)
+    model = train_script.make_model()
+    result = train(model, train_script.tiny_dataset(), config, tmp_path, loss_fn=loss_fn)
+    # 160 examples in batches of 16: every batch holds 16; 40 test examples in one batch of 40.
+    assert result["train_nfe"] == 16.0 and result["test_nfe"] == 40.0
+    final_squares = sum(float(np.sum(p**2)) for p in train_script.flat_params(model).values())
+    assert result["test_squares"] == pytest.approx(final_squares, rel=1e-12)
+    assert {"train_loss", "train_accuracy", "test_loss", "test_accuracy"} <= result.keys()
+
+    def bad_loss(model, x, y):
+        loss, metrics = training.classification_metrics(model(x), y)
+        return loss, {**metrics, "per_example": jnp.zeros(x.shape[0])}
+
+    with pytest.raises(ValueError, match=r"loss_fn: metric 'per_example' has shape \(16,\), expected a scalar"):
+        train(train_script.make_model(), train_script.tiny_dataset(), config, tmp_path / "bad", loss_fn=bad_loss)
