@@ -205,7 +205,7 @@ def directional_slopes(fn: Callable, x0, x1, num: int) -> tuple[np.ndarray, np.n
         _, tangent = jax.jvp(fn, (x0 + si * direction,), (direction,))
         return jnp.ravel(tangent)
 
-    return s, np.asarray(jax.jit(jax.vmap(slope))(jnp.asarray(s, dtype=jnp.result_type(x0))))
+    return s, np.asarray(jax.vmap(slope)(jnp.asarray(s, dtype=jnp.result_type(x0))))
 
 
 def count_linear_pieces(fn: Callable, x0, x1, num: int = 100_000, rtol: float = 1e-9) -> int:
