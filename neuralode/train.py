@@ -148,12 +148,23 @@ def param_dtype(model: nnx.Module) -> np.dtype:
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The per-epoch records of `workdir/metrics.jsonl`, in order."""
+    """The per-epoch records of `workdir/metrics.jsonl`, in order.
+
+    An incomplete last line (a process killed while writing it) is skipped with a warning; a
+    resumed run rewrites the file without it.
+    """
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        *lines, tail = f.read().split("\n")
+    records = [json.loads(line) for line in lines if line.strip()]
+    if tail.strip():
+        try:
+            records.append(json.loads(tail))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}: skipping an incomplete last line {tail[:40]!r}", RuntimeWarning, stacklevel=2)
+    return records
 
 
 def _write_metrics(workdir: str, records: list[dict[str, Any]]) -> None:
@@ -276,7 +287,7 @@ def train(
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, found {type(config).__name__}")
     workdir = os.path.abspath(os.fspath(workdir))
-    if not resume and (read_metrics(workdir) or _has_checkpoints(workdir)):
+    if not resume and (_has_metrics(workdir) or _has_checkpoints(workdir)):
         raise FileExistsError(
             f"workdir {workdir} already holds a run (metrics.jsonl or checkpoints); "
             "pass resume=True to continue it, or use an empty workdir"
@@ -290,10 +301,11 @@ def train(
     optimizer = nnx.Optimizer(model, make_optimizer(config, total_steps), wrt=nnx.Param)
     if loss_fn is cross_entropy_loss:
         logits = nnx.eval_shape(lambda m, x: m(x), model, dataset.x_train[:2].astype(dtype))
-        if logits.shape != (2, dataset.num_classes):
+        found = getattr(logits, "shape", type(logits).__name__)
+        if found != (2, dataset.num_classes):
             raise ValueError(
-                f"model: maps a batch of 2 inputs {dataset.x_train.shape[1:]} to {logits.shape}, "
-                f"expected logits of shape (2, {dataset.num_classes})"
+                f"model: maps a batch of 2 inputs {dataset.x_train.shape[1:]} to {found}, expected "
+                f"logits of shape (2, {dataset.num_classes}) (or pass a loss_fn that knows its outputs)"
             )
 
     model.eval()
@@ -378,6 +390,11 @@ def _accumulate(sums: dict[str, float], metrics: dict[str, Any], count: int) -> 
 def _describe(dataset: Dataset) -> dict[str, Any]:
     return {"name": dataset.name, "train": list(dataset.x_train.shape), "test": list(dataset.x_test.shape),
             "num_classes": int(dataset.num_classes)}
+
+
+def _has_metrics(workdir: str) -> bool:
+    path = os.path.join(workdir, "metrics.jsonl")
+    return os.path.exists(path) and os.path.getsize(path) > 0
 
 
 def _has_checkpoints(workdir: str) -> bool:

@@ -129,14 +129,32 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path):
     shutil.copytree(ref_workdir, workdir)
     corrupt(workdir / "checkpoints" / "40")
     model = train_script.make_model()
-    with pytest.warns(RuntimeWarning, match=r"checkpoints/40 is unusable"):
+    with pytest.warns(RuntimeWarning) as caught:
         train(model, train_script.tiny_dataset(), train_script.CONFIG, workdir, resume=True)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2
+    assert "checkpoints/40 is unusable" in messages[0] and "trying the previous one" in messages[0]
+    assert "moved unusable checkpoint of step 40 to" in messages[1]
     # Restored step 35, trained the last 5 steps again, and got the same parameters.
     assert_params_bitwise_equal(train_script.flat_params(model), ref_params)
     assert without_timings(read_metrics(workdir)) == without_timings(read_metrics(ref_workdir))
     assert sorted(os.listdir(workdir / "checkpoints")) == ["35", "40"]
     (aside,) = os.listdir(workdir / "unusable_checkpoints")  # kept for inspection, not deleted
     assert aside.startswith("40-")
+
+
+def test_resume_of_a_finished_run_skips_a_torn_metrics_line(reference, tmp_path):
+    ref_workdir, ref_params, ref_result, _ = reference
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_workdir, workdir)
+    with open(workdir / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 5, "st')  # killed while appending
+    model = train_script.make_model()
+    with pytest.warns(RuntimeWarning, match="skipping an incomplete last line"):
+        result = train(model, train_script.tiny_dataset(), train_script.CONFIG, workdir, resume=True)
+    assert result == ref_result
+    assert_params_bitwise_equal(train_script.flat_params(model), ref_params)
+    assert (workdir / "metrics.jsonl").read_text() == (ref_workdir / "metrics.jsonl").read_text()
 
 
 def test_resume_without_usable_checkpoint_is_a_clear_error(reference, tmp_path):
@@ -172,7 +190,7 @@ def test_workdir_and_config_mismatches_are_refused(reference, tmp_path):
 def test_model_with_wrong_logits_is_refused(tmp_path):
     data = train_script.tiny_dataset()
     model = train_script.MLP(8, 16, 3, rngs=nnx.Rngs(0))  # 3 logits for 4 classes
-    with pytest.raises(ValueError, match=r"model: maps a batch of 2 inputs \(8, 1\) to \(2, 3\), expected logits of shape \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"model: maps a batch of 2 inputs \(8, 1\) to \(2, 3\), expected logits of shape \(2, 4\) \(or pass a loss_fn"):
         train(model, data, train_script.CONFIG, tmp_path)
 
 
