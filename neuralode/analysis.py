@@ -67,8 +67,14 @@ def solve_gradient_norms(odeint: Callable, f, y0, ts, cotangent=None, **odeint_k
     """||dL/dy(t_k)|| for every k of an `odeint` solve, with L = <cotangent, y(t_N)>.
 
     Each interval [t_k, t_{k+1}] is treated as one layer y(t_k) -> y(t_{k+1}) and differentiated by
-    the solve's own adjoint. Correct for fields that depend on t (not on the step counter).
+    the solve's own adjoint. Correct for fields that depend on t, not on the step counter, so a
+    `DepthStack` (slice k for step k) is refused: each re-started interval would use slice 0.
     """
+    from neuralode.fields import DepthStack
+
+    if isinstance(f, DepthStack):
+        raise TypeError("solve_gradient_norms needs a weight-tied field; for a DepthStack use "
+                        "layer_gradient_norms on its per-step Euler blocks")
     ts = jnp.asarray(ts)
     layers = [lambda y, k=k: odeint(f, y, ts[k:k + 2], **odeint_kwargs)[-1] for k in range(len(ts) - 1)]
     return layer_gradient_norms(layers, y0, cotangent)

@@ -68,9 +68,12 @@ class Poisson(eqx.Module):
         return (self.n - 1,) * self.ndim
 
     def __call__(self, u):
+        up = jnp.pad(u, 1)
+        inner = (slice(1, -1),) * self.ndim
         out = 2 * self.ndim * u
         for axis in range(self.ndim):
-            out = out - _shift(u, axis, 1) - _shift(u, axis, -1)
+            for lo, hi in ((None, -2), (2, None)):
+                out = out - up[inner[:axis] + (slice(lo, hi),) + inner[axis + 1:]]
         return out * float(self.n**2)
 
     def diagonal(self, dtype=float):
@@ -136,6 +139,19 @@ def diffusion(a) -> Stencil:
     w = w.at[..., 0, 1].set(-keep(west, 0, -1)).at[..., 2, 1].set(-keep(east, 0, 1))
     w = w.at[..., 1, 0].set(-keep(south, 1, -1)).at[..., 1, 2].set(-keep(north, 1, 1))
     return Stencil(w * float(n**2))
+
+
+def lognormal_coefficients(key, n: int, sigma: float = 1.0, length: float = 0.1, dtype=float):
+    """A random cell field a = exp(sigma g), g a unit-variance Gaussian field with correlation length
+    `length` (white noise filtered by a Gaussian in Fourier space, periodic), on n x n cells."""
+    _check_size("n", n)
+    k = np.fft.fftfreq(n, 1 / n)
+    kk = k[:, None] ** 2 + k[None, :] ** 2
+    filt = jnp.asarray(np.exp(-0.5 * (2 * np.pi * length) ** 2 * kk / 4), dtype)
+    spectrum = jnp.fft.fft2(jax.random.normal(key, (n, n), dtype))
+    g = jnp.fft.ifft2(spectrum * filt.astype(spectrum.dtype)).real
+    g = (g - g.mean()) / g.std()
+    return jnp.exp(sigma * g).astype(dtype)
 
 
 def stencil_of(apply: Callable, m: int, dtype=float) -> Stencil:
@@ -214,25 +230,24 @@ def jacobi(op, u, f, omega: float = 2 / 3, sweeps: int = 1):
     return jax.lax.fori_loop(0, sweeps, lambda _, u: u + inv_d * (f - op(u)), u)
 
 
-def _colours(shape, ndim):
-    """Parity classes of the vertices: 2 (red, black) in 1-D, 4 in 2-D (red = the two even-sum ones)."""
-    idx = np.indices(shape)
-    parity = sum((idx[k] % 2) * 2**k for k in range(ndim))
-    return [parity == c for c in ((0, 3, 1, 2) if ndim == 2 else (0, 1))]
-
-
 def gauss_seidel(op, u, f, sweeps: int = 1):
     """Red-black Gauss-Seidel: each colour set to D^{-1} (f - offdiag(A) u) with the others fixed.
 
-    For 5-point stencils the ordering (0,0), (1,1), (0,1), (1,0) is red-black; for 9-point (Galerkin)
-    stencils it is the four-colour ordering, which is still an exact Gauss-Seidel sweep.
+    Red/black are the vertices with even/odd index sum, which decouples 3- and 5-point stencils;
+    9-point (Galerkin) stencils need the four parity classes (i mod 2, j mod 2), ordered so that the
+    first two are the red ones. Either way it is an exact Gauss-Seidel sweep in that ordering.
     """
     inv_d = 1 / op.diagonal(u.dtype)
-    masks = [jnp.asarray(m) for m in _colours(u.shape, u.ndim)]
+    idx = [jax.lax.broadcasted_iota(jnp.int32, u.shape, k) for k in range(u.ndim)]
+    if isinstance(op, Stencil):
+        colour = (idx[0] % 2) * 2 + (idx[0] + idx[1]) % 2  # (0,0), (1,1) red; (0,1), (1,0) black
+        colours = range(4)
+    else:
+        colour, colours = sum(idx) % 2, range(2)
 
     def sweep(_, u):
-        for mask in masks:
-            u = jnp.where(mask, u + inv_d * (f - op(u)), u)
+        for c in colours:
+            u = jnp.where(colour == c, u + inv_d * (f - op(u)), u)
         return u
     return jax.lax.fori_loop(0, sweeps, sweep, u)
 

@@ -1,0 +1,49 @@
+"""Fields: shapes, "same" padding, time conditioning and depth-varying parameters."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import neuralode as no
+
+
+@pytest.mark.parametrize("spatial_dims, shape", [(1, (2, 40, 4)), (2, (2, 8, 8, 4))])
+@pytest.mark.parametrize("norm", [False, True])
+def test_conv_field_keeps_the_shape_channels_last(spatial_dims, shape, norm):
+    field = no.ConvField(4, 8, spatial_dims=spatial_dims, norm=norm, time_dependent=True,
+                         param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    y = jax.random.normal(jax.random.key(0), shape, jnp.float64)
+    assert field(0.5, y).shape == shape
+
+
+def test_conv_field_is_translation_equivariant_away_from_the_border():
+    """"Same" padding: shifting the input shifts the output, except next to the padded border."""
+    field = no.ConvField(2, 4, param_dtype=jnp.float64, rngs=nnx.Rngs(1))
+    y = jnp.zeros((1, 16, 16, 2)).at[0, 6, 6].set(1.0)
+    shifted = field(0.0, jnp.roll(y, 2, axis=1))
+    np.testing.assert_allclose(shifted[0, 4:12], jnp.roll(field(0.0, y), 2, axis=1)[0, 4:12],
+                               atol=1e-14)
+
+
+@pytest.mark.parametrize("make", [
+    lambda td: no.MLPField(3, 8, time_dependent=td, param_dtype=jnp.float64, rngs=nnx.Rngs(0)),
+    lambda td: no.ConvField(3, 4, time_dependent=td, param_dtype=jnp.float64, rngs=nnx.Rngs(0)),
+])
+def test_time_conditioning(make):
+    y = jax.random.normal(jax.random.key(2), (1, 5, 5, 3), jnp.float64)
+    y = y if isinstance(make(False), no.ConvField) else y[0, 0]
+    autonomous, conditioned = make(False), make(True)
+    np.testing.assert_array_equal(autonomous(0.0, y), autonomous(1.0, y))
+    assert float(jnp.max(jnp.abs(conditioned(0.0, y) - conditioned(1.0, y)))) > 1e-3
+
+
+def test_depth_stack_has_a_leading_depth_axis_and_independent_layers():
+    stack = no.DepthStack(lambda rngs: no.MLPField(3, 8, param_dtype=jnp.float64, rngs=rngs), 5,
+                          rngs=nnx.Rngs(0))
+    kernels = stack.layers.layers[0].kernel[...]
+    assert kernels.shape == (5, 3, 8)
+    assert len({float(jnp.sum(k)) for k in kernels}) == 5
+    np.testing.assert_array_equal(stack.layer(3).layers[0].kernel[...], kernels[3])
+    with pytest.raises(TypeError, match="DepthStack has one field per step"):
+        stack(0.0, jnp.ones(3))
