@@ -334,7 +334,7 @@ def train(
         _check_config_matches(saved["config"], config)
         if saved["dataset"] != progress["dataset"]:
             raise ValueError(f"dataset: checkpoint was trained on {saved['dataset']}, now {progress['dataset']}")
-        progress = saved
+        progress = {**saved, "config": dataclasses.asdict(config)}
         _write_metrics(workdir, [r for r in read_metrics(workdir) if r["epoch"] <= progress["epoch"]])
 
     def evaluate(model_state) -> dict[str, float]:
