@@ -6,7 +6,7 @@ RK4 = RK-Net, Leapfrog = Hamiltonian net) or an adaptive one (a continuous-depth
 diffrax), and differentiates the integration with the chosen adjoint.
 """
 
-from neuralode import fields
+from neuralode import data, fields, train
 from neuralode.adjoints import BacksolveAdjoint, CheckpointAdjoint, DiscreteAdjoint
 from neuralode.fields import ConvField, DepthStack, MLPField
 from neuralode.solve import Solution, odeint, solve
@@ -15,5 +15,5 @@ from neuralode.solvers import RK4, Dopri5, Euler, Heun, Leapfrog, Midpoint, Tsit
 __all__ = [
     "BacksolveAdjoint", "CheckpointAdjoint", "ConvField", "DepthStack", "DiscreteAdjoint",
     "Dopri5", "Euler", "Heun", "Leapfrog", "MLPField", "Midpoint", "RK4", "Solution", "Tsit5",
-    "fields", "odeint", "solve",
+    "data", "fields", "odeint", "solve", "train",
 ]
