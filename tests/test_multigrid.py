@@ -1,0 +1,174 @@
+"""Multigrid numerics: smoothing factors from theory, h-independent V-cycles, FMG to discretisation error."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from neuralode import multigrid as mg
+
+
+def _random(shape, seed=0, dtype=jnp.float64):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _lognormal(n, seed=0, sigma=1.0):
+    return mg.lognormal_coefficients(jax.random.key(seed), n, sigma, length=0.1)
+
+
+@functools.cache
+def _poisson_solver(n):
+    """One compiled V(2,1) red-black solver per grid size, shared by the tests below."""
+    op = mg.Poisson(n)
+    return jax.jit(lambda f, rtol: mg.solve(op, f, rtol=rtol, max_cycles=40))
+
+
+def _asymptotic_ratio(residuals, tail=3):
+    h = np.asarray(residuals)
+    h = h[~np.isnan(h)]
+    return float(np.exp(np.mean(np.log(h[-tail:] / h[-tail - 1:-1]))))
+
+
+@pytest.mark.parametrize("ndim,n", [(1, 16), (2, 16)])
+@pytest.mark.parametrize("omega", [0.5, 2 / 3])
+def test_jacobi_factor_matches_eigenvalues(ndim, n, omega):
+    # Error propagation I - omega D^{-1} A has eigenvalues 1 - omega (1 - mean_k cos(j_k pi h));
+    # for 0 < omega <= 1 the largest in modulus is j = (1, ..., 1): 1 - omega (1 - cos(pi h)).
+    op = mg.Poisson(n, ndim)
+    theory = 1 - omega * (1 - np.cos(np.pi / n))
+    zero = jnp.zeros(op.shape)
+    rho = mg.convergence_factor(lambda e: mg.jacobi(op, e, zero, omega), _random(op.shape), 800)
+    # 1 - rho is the rate; matching it to 1 % is much stronger than matching rho to 1 %.
+    np.testing.assert_allclose(1 - float(rho), 1 - theory, rtol=1e-2)
+
+
+def test_vcycle_gauss_seidel_factor_is_small_and_h_independent():
+    factors = []
+    for n in (32, 64, 128, 256, 512):
+        sol = _poisson_solver(n)(_random((n - 1, n - 1), n), 1e-9)
+        assert 8 <= int(sol.cycles) <= 10
+        factors.append(_asymptotic_ratio(sol.residuals))
+    assert max(factors) <= 0.1, factors
+    assert max(factors) / min(factors) <= 1.5, factors
+
+
+@pytest.mark.parametrize("kind", ["W", "F"])
+def test_w_and_f_cycles_at_least_as_fast_as_v(kind):
+    op = mg.Poisson(32)
+    f = _random(op.shape, 1)
+    run = lambda k: _asymptotic_ratio(mg.solve(op, f, kind=k, rtol=1e-9, max_cycles=20).residuals)
+    assert run(kind) <= run("V") * 1.05
+
+
+def test_variable_coefficient_galerkin_vcycle_converges():
+    # log-normal a, sigma = 1, correlation length 0.1 (contrast max/min a ~ 300): Galerkin coarse
+    # operators with bilinear P still converge, slower than for Poisson (measured factor ~0.25).
+    op = mg.diffusion(_lognormal(64, seed=3))
+    sol = jax.jit(lambda f: mg.solve(op, f, rtol=1e-10, max_cycles=30))(_random(op.shape, 2))
+    assert bool(sol.converged)
+    assert _asymptotic_ratio(sol.residuals) <= 0.35
+
+
+def test_jacobi_smoothed_vcycle_converges():
+    op = mg.Poisson(32)
+    sol = mg.solve(op, _random(op.shape, 3), smoother="jacobi", nu1=2, nu2=2, omega=0.8, rtol=1e-10)
+    assert bool(sol.converged) and int(sol.cycles) <= 15
+
+
+def _manufactured(n):
+    """u = x(1-x) e^x sin(2 pi y); f = -Laplace u = -p'' q + 4 pi^2 p q with p'' = -e^x (3x + x^2)."""
+    x = np.arange(1, n) / n
+    X, Y = np.meshgrid(x, x, indexing="ij")
+    p, q = X * (1 - X) * np.exp(X), np.sin(2 * np.pi * Y)
+    f = np.exp(X) * (3 * X + X**2) * q + 4 * np.pi**2 * p * q
+    return jnp.asarray(p * q), jnp.asarray(f)
+
+
+def test_fmg_reaches_discretisation_error_in_one_cycle():
+    errors = {}
+    for n in (64, 256):
+        op = mg.Poisson(n)
+        u_true, f = _manufactured(n)
+        discretisation = float(jnp.max(jnp.abs(_poisson_solver(n)(f, 1e-13).u - u_true)))
+        u_fmg = jax.jit(lambda f: mg.fmg(mg.hierarchy(op), f))(f)
+        assert float(jnp.max(jnp.abs(u_fmg - u_true))) <= 2 * discretisation
+        errors[n] = discretisation
+    # the 5-point scheme is second order: a quarter of h gives a sixteenth of the error (+- h^2 terms)
+    assert 15 <= errors[64] / errors[256] <= 17, errors
+
+
+@pytest.mark.parametrize("ndim", [1, 2])
+def test_restriction_is_scaled_adjoint_of_prolongation(ndim):
+    n = 16
+    r, v = _random((n - 1,) * ndim, 0), _random((n // 2 - 1,) * ndim, 1)
+    lhs = jnp.vdot(mg.restrict(r), v)
+    np.testing.assert_allclose(lhs, jnp.vdot(r, mg.prolong(v)) / 2**ndim, rtol=1e-13)
+    s = _random((3,) * ndim, 2)  # any stencil: restriction with s is the transpose of prolongation with s
+    np.testing.assert_allclose(jnp.vdot(mg.restrict(r, s), v), jnp.vdot(r, mg.prolong(v, s)), rtol=1e-12)
+    # (bi)linear interpolation reproduces piecewise-linear hats with kinks on coarse vertices
+    # (in 2-D P = P1 (x) P1, so the product of hats maps to the product of fine hats)
+    x, xf = np.arange(1, n // 2) / (n // 2), np.arange(1, n) / n
+    hat, fine = np.minimum(x, 1 - x), np.minimum(xf, 1 - xf)
+    if ndim == 2:
+        hat, fine = np.outer(hat, hat), np.outer(fine, fine)
+    np.testing.assert_allclose(mg.prolong(jnp.asarray(hat)), fine, atol=1e-15)
+
+
+@pytest.mark.parametrize("make", [lambda: mg.Poisson(16, 1), lambda: mg.Poisson(16, 2),
+                                  lambda: mg.diffusion(_lognormal(16)),
+                                  lambda: mg.hierarchy(mg.diffusion(_lognormal(16)))[1],
+                                  lambda: mg.Poisson(16).coarsen(galerkin=True)])
+def test_operators_are_symmetric_positive(make):
+    op = make()
+    u, v = _random(op.shape, 0), _random(op.shape, 1)
+    np.testing.assert_allclose(jnp.vdot(op(u), v), jnp.vdot(u, op(v)), rtol=1e-12)
+    assert float(jnp.vdot(op(u), u)) > 0
+
+
+def test_stencils_and_galerkin_product():
+    op = mg.Poisson(16)
+    u = _random(op.shape)
+    np.testing.assert_allclose(mg.stencil_of(op, 15)(u), op(u), rtol=1e-13, atol=1e-10)
+    np.testing.assert_allclose(mg.diffusion(jnp.ones((16, 16)))(u), op(u), rtol=1e-13, atol=1e-10)
+    # R A P for the 5-point Laplacian with full weighting / bilinear: [-1 -2 -1; -2 12 -2; -1 -2 -1] / (4 H^2)
+    coarse = op.coarsen(galerkin=True)
+    expected = np.array([[-1, -2, -1], [-2, 12, -2], [-1, -2, -1]]) / (4 * (1 / 8) ** 2)
+    np.testing.assert_allclose(coarse.weights[3, 4], expected, rtol=1e-13)
+    v = _random(coarse.shape, 1)
+    np.testing.assert_allclose(coarse(v), mg.restrict(op(mg.prolong(v))), rtol=1e-12, atol=1e-9)
+
+
+def test_vmap_over_right_hand_sides_and_float32():
+    op = mg.Poisson(16)
+    fs = _random((3, *op.shape))
+    solver = jax.jit(lambda f: mg.solve(op, f, rtol=1e-10).u)
+    np.testing.assert_allclose(jax.vmap(solver)(fs)[1], solver(fs[1]), rtol=1e-12, atol=1e-14)
+    a32 = _lognormal(8).astype(jnp.float32)
+    sol32 = jax.jit(lambda f: mg.solve(mg.diffusion(a32), f, rtol=1e-5))(fs[0, :7, :7].astype(jnp.float32))
+    assert sol32.u.dtype == jnp.float32 and bool(sol32.converged)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="n must be a power of two"):
+        mg.Poisson(48)
+    op = mg.Poisson(32)
+    with pytest.raises(ValueError, match=r"f must have shape \(31, 31\)"):
+        mg.solve(op, jnp.zeros((30, 30)))
+    with pytest.raises(ValueError, match="u0 must have shape"):
+        mg.solve(op, jnp.zeros((31, 31)), jnp.zeros((15, 15)))
+    with pytest.raises(ValueError, match="a.shape"):
+        mg.diffusion(jnp.ones((31, 31)))
+    with pytest.raises(ValueError, match="f must have shape"):
+        mg.solve(mg.diffusion(jnp.ones((16, 16))), jnp.zeros((31, 31)))
+    with pytest.raises(ValueError, match="a must be positive"):
+        mg.diffusion(jnp.ones((16, 16)).at[3, 4].set(0.0))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        mg.solve(op, jnp.ones((31, 31)), kind="X")
+    with pytest.raises(TypeError, match="f must be a floating-point"):
+        mg.solve(op, jnp.ones((31, 31), jnp.int32))
+    bad = jnp.ones((31, 31)).at[2, 2].set(jnp.nan)
+    with pytest.raises(Exception, match="f must be finite"):
+        jax.jit(lambda f: mg.solve(op, f).u)(bad)
+    with pytest.raises(Exception, match="a must be positive"):
+        jax.jit(lambda a: mg.diffusion(a).weights)(-jnp.ones((16, 16)))
