@@ -1,0 +1,1 @@
+from neuralode.models.unet import MultigridUNet
