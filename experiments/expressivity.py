@@ -43,8 +43,8 @@ class Config:
     relu_seeds: int = 3
 
 
-QUICK = {"hat_max_depth": 8, "poly_max_degree": 32, "relu_depths": (1, 2, 4, 8, 16),
-         "relu_cells": 10_000, "relu_seeds": 2}
+QUICK = {"hat_max_depth": 7, "poly_max_degree": 27, "relu_depths": (1, 4, 16),
+         "relu_cells": 5_000, "relu_seeds": 1}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,8 +51,8 @@ class Config:
     adam_steps: int = 50
 
 
-QUICK = {"depths": (1, 4, 16), "variance_depths": (2, 16, 64), "variance_samples": 128,
-         "adam_steps": 10, "width": 16}
+QUICK = {"depths": (2, 6, 12), "variance_depths": (2, 16, 64), "variance_samples": 96,
+         "adam_steps": 5, "width": 16}
 
 
 # ---------------------------------------------------------------------------------------------

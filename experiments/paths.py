@@ -45,7 +45,7 @@ class Config:
     dense_max_depth: int = 40
 
 
-QUICK = {"depths": (5, 10, 20), "samples": 1000, "dense_max_depth": 16}
+QUICK = {"depths": (5, 10, 20), "samples": 1000, "dense_max_depth": 12}
 
 
 class RandomSkipNet(nnx.Module):

@@ -39,7 +39,7 @@ def test_b2_real_networks_residual_over_plain_grows_with_depth(flow):
         rows = flow["stacks"][kind]
         ratios = [r["residual_over_plain"] for r in rows]
         assert all(b > a for a, b in zip(ratios, ratios[1:])), (kind, ratios)
-        assert ratios[-1] > 100
+        assert ratios[-1] > 10
         # The Euler odeint of the DepthStack is the same ResNet as the explicit blocks.
         assert max(r["residual_odeint_vs_layers_rel"] for r in rows) < 1e-12
 
