@@ -34,6 +34,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from neuralode import multigrid as mg
@@ -54,8 +55,8 @@ class MultigridUNet(nnx.Module):
                 raise ValueError(f"{name} must be an int >= {1 if name == 'cycles' else 0}, got {v!r}")
         self.n, self.nu1, self.nu2, self.cycles, self.galerkin = n, nu1, nu2, cycles, galerkin
         depth = int(math.log2(n)) - 1  # levels with a coarser level below them
-        self.pre_omega = nnx.Param(jnp.full((depth, nu1), omega))
-        self.post_omega = nnx.Param(jnp.full((depth, nu2), omega))
+        self.pre_omega = nnx.Param(jnp.asarray(np.full((depth, nu1), omega)))  # not weak-typed
+        self.post_omega = nnx.Param(jnp.asarray(np.full((depth, nu2), omega)))
         self.restriction = nnx.Param(jnp.broadcast_to(jnp.asarray(mg.full_weighting(2)), (depth, 3, 3)))
         self.prolongation = nnx.Param(jnp.broadcast_to(jnp.asarray(mg.bilinear(2)), (depth, 3, 3)))
 
