@@ -1,18 +1,21 @@
 """Run every experiment with --quick settings into results/ and write results/REPORT.md.
 
     python -m experiments [--out DIR] [--only NAME ...] [--full]
+
+Each experiment runs in its own process, exactly as `python -m experiments.<name> --quick` would, so
+no global JAX setting of one (e.g. float64) leaks into the next.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import pkgutil
+import subprocess
+import sys
 import time
-import traceback
 from pathlib import Path
 
 import experiments
-from experiments.common import run_experiment
 
 
 def experiment_names() -> list[str]:
@@ -22,18 +25,15 @@ def experiment_names() -> list[str]:
     return sorted(names, key=lambda n: (n.startswith("bench_"), n))
 
 
-def report(rows: list[tuple[str, dict | None, str]]) -> str:
+def report(rows: list[tuple[str, dict | None, float]]) -> str:
     lines = ["# neuralode experiment report", "",
              "Produced by `python -m experiments`; every number below is in `<name>.json`.", ""]
-    for name, results, status in rows:
-        lines.append(f"## {name} ({status})")
-        lines.append("")
+    for name, results, seconds in rows:
+        lines += [f"## {name} ({'ok' if results else 'FAILED'}, {seconds:.0f} s)", ""]
         if results is None:
-            lines.append("failed; see the traceback printed by the run")
-        else:
-            for key, value in results.get("headline", {}).items():
-                lines.append(f"- `{key}`: {value}")
-            lines.append(f"- wall time: {results['wall_s']:.1f} s")
+            lines.append("failed: see the output of the run")
+        for key, value in (results or {}).get("headline", {}).items():
+            lines.append(f"- `{key}`: {value}")
         lines.append("")
     return "\n".join(lines)
 
@@ -45,22 +45,19 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, help="run only these experiments")
     parser.add_argument("--full", action="store_true", help="full settings instead of --quick")
     args = parser.parse_args()
-    names = args.only or experiment_names()
     rows, failed = [], []
-    for name in names:
+    for name in args.only or experiment_names():
         print(f"=== experiments.{name}", flush=True)
-        module = importlib.import_module(f"experiments.{name}")
-        argv = ["--out", args.out] + ([] if args.full else ["--quick"])
+        command = [sys.executable, "-m", f"experiments.{name}", "--out", args.out]
         start = time.perf_counter()
-        try:
-            results = run_experiment(module.__name__, module.Config, module.run, module.QUICK, argv,
-                                     module.__doc__)
-            rows.append((name, results, "ok"))
-        except Exception:  # report every experiment, then fail at the end
-            traceback.print_exc()
-            rows.append((name, None, "FAILED"))
+        code = subprocess.call(command + ([] if args.full else ["--quick"]))
+        seconds = time.perf_counter() - start
+        path = Path(args.out) / f"{name}.json"
+        results = json.loads(path.read_text()) if code == 0 and path.exists() else None
+        if results is None:
             failed.append(name)
-        print(f"=== {name}: {time.perf_counter() - start:.1f} s", flush=True)
+        rows.append((name, results, seconds))
+        print(f"=== {name}: {'ok' if results else 'FAILED'} in {seconds:.1f} s", flush=True)
     path = Path(args.out) / "REPORT.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(report(rows))

@@ -119,8 +119,11 @@ def run_experiment(module_name: str, config_cls, run: Callable, quick_overrides:
 
 
 def main(module_name: str, config_cls, run: Callable, quick_overrides: dict) -> None:
-    doc = sys.modules[module_name].__doc__ if module_name in sys.modules else None
-    run_experiment(module_name, config_cls, run, quick_overrides, sys.argv[1:], doc)
+    """Entry point of `python -m experiments.<name>`, where the module is named "__main__"."""
+    module = sys.modules[module_name]
+    if module_name == "__main__" and module.__spec__ is not None:
+        module_name = module.__spec__.name
+    run_experiment(module_name, config_cls, run, quick_overrides, sys.argv[1:], module.__doc__)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,14 +6,14 @@ RK4 = RK-Net, Leapfrog = Hamiltonian net) or an adaptive one (a continuous-depth
 diffrax), and differentiates the integration with the chosen adjoint.
 """
 
-from neuralode import data, fields, train
+from neuralode import analysis, data, fields, train
 from neuralode.adjoints import BacksolveAdjoint, CheckpointAdjoint, DiscreteAdjoint
 from neuralode.fields import ConvField, DepthStack, MLPField
-from neuralode.solve import Solution, odeint, solve
+from neuralode.solve import Solution, backsolve_reconstruction_error, odeint, solve
 from neuralode.solvers import RK4, Dopri5, Euler, Heun, Leapfrog, Midpoint, Tsit5
 
 __all__ = [
     "BacksolveAdjoint", "CheckpointAdjoint", "ConvField", "DepthStack", "DiscreteAdjoint",
     "Dopri5", "Euler", "Heun", "Leapfrog", "MLPField", "Midpoint", "RK4", "Solution", "Tsit5",
-    "data", "fields", "odeint", "solve", "train",
+    "analysis", "backsolve_reconstruction_error", "data", "fields", "odeint", "solve", "train",
 ]

@@ -258,3 +258,30 @@ def _backsolve_bwd(func, solver, substeps, residuals, ys_cotangent):
 
 
 _backsolve.defvjp(_backsolve_fwd, _backsolve_bwd)
+
+
+def reconstruction_error(dynamics: Dynamics, solver: AbstractFixedStepSolver, ys, ts, args,
+                         substeps: int):
+    """Per interval, max |y(ts[i]) - y~(ts[i])| where y~ integrates y(ts[i+1]) backwards with the
+    same solver and steps: the error `BacksolveAdjoint` makes in the y it linearises around."""
+    hs = (ts[1:] - ts[:-1]) / substeps
+    layers = _per_interval(dynamics.stacked, ts.shape[0] - 1, substeps)
+
+    def back_interval(_, xs):
+        y_end, y_start, t_start, h, interval_layers = xs
+
+        def back_step(y, xs):
+            t_end, layer = xs
+            field = lambda t, y, args: dynamics.func(t, y, args, dynamics.tied, layer)  # noqa: E731
+            return solver.step(field, t_end, y, -h, args), None
+
+        t_ends = t_start + (jnp.arange(substeps, dtype=ts.dtype) + 1) * h
+        y, _ = lax.scan(back_step, y_end, (t_ends, interval_layers), reverse=True)
+        error = jnp.max(jnp.stack([jnp.max(jnp.abs(a - b)) for a, b in
+                                   zip(jax.tree.leaves(y), jax.tree.leaves(y_start))]))
+        return None, error
+
+    _, errors = lax.scan(back_interval, None, (jax.tree.map(lambda y: y[1:], ys),
+                                               jax.tree.map(lambda y: y[:-1], ys), ts[:-1], hs,
+                                               layers))
+    return errors

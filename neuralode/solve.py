@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from neuralode.adjoints import AbstractAdjoint, DiscreteAdjoint, Dynamics
+from neuralode.adjoints import AbstractAdjoint, DiscreteAdjoint, Dynamics, reconstruction_error
 from neuralode.fields import DepthStack
 from neuralode.solvers import RK4, AbstractAdaptiveSolver, AbstractSolver, Leapfrog
 
@@ -167,6 +167,21 @@ def _solve_adaptive(dynamics, solver: AbstractAdaptiveSolver, y0, ts, args, adjo
              "nfe": solver.initial_evaluations + solver.evaluations_per_step * steps,
              "nfe_backward": -1}
     return Solution(ts, sol.ys, stats, sol.result == diffrax.RESULTS.max_steps_reached)
+
+
+def backsolve_reconstruction_error(f: Callable | nnx.Module, y0, ts, args=None, *,
+                                   solver: AbstractSolver = RK4(), substeps: int = 1):
+    """How well the backwards solve of `BacksolveAdjoint` recovers the forward states.
+
+    Returns, for each interval of `ts`, max |y(ts[i]) - y~(ts[i])| where y~ is y(ts[i+1])
+    integrated backwards with the same fixed-step solver and steps (with `ts = [t0, t1]`: the
+    reconstruction error of y0). Large values mean the continuous adjoint linearises around the
+    wrong trajectory (Gholami et al. 2019).
+    """
+    if solver.adaptive:
+        raise ValueError(f"backsolve_reconstruction_error needs a fixed-step solver, got {solver!r}")
+    sol = solve(f, y0, ts, args, solver=solver, substeps=substeps, adjoint=DiscreteAdjoint())
+    return reconstruction_error(_dynamics(f, args), solver, sol.ys, sol.ts, args, int(substeps))
 
 
 def odeint(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolver = RK4(),

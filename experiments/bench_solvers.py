@@ -1,0 +1,151 @@
+"""Benchmark of the dynamics core: what `odeint` costs over hand-written JAX and over diffrax.
+
+- overhead_ratio: forward+backward of an Euler ResNet through `odeint` (MLPField, depth-varying
+  blocks) over a hand-written `lax.scan` of the same math (goal <= 1.05).
+- vs_diffrax: our time / diffrax's for Euler, Midpoint and Heun on the same fixed steps, forward +
+  backward (goal <= 1.0); diffrax stores every step (RecursiveCheckpointAdjoint(checkpoints=L)),
+  as our DiscreteAdjoint does.
+- compile_s for L = 10, 100, 1000 and compile_ratio = compile_s[1000] / compile_s[10] (goal <= 1.5:
+  the steps are a scan, not unrolled).
+Run times exclude compilation, block on results, and are medians of interleaved repeats.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import diffrax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import neuralode as no
+from experiments.common import main, save_figure, time_compiled, time_interleaved
+
+
+@dataclasses.dataclass
+class Config:
+    out: str = "results"
+    quick: bool = False
+    width: int = dataclasses.field(default=128, metadata={"help": "features of the MLP field"})
+    batch: int = 256
+    depth: int = dataclasses.field(default=64, metadata={"help": "blocks L of the ResNet"})
+    compile_depths: tuple[int, ...] = (10, 100, 1000)
+    repeats: int = 15
+    number: int = dataclasses.field(default=20, metadata={"help": "calls averaged per sample"})
+    seed: int = 0
+
+
+QUICK = {"width": 64, "batch": 64, "depth": 32, "repeats": 5, "number": 10}
+
+
+def resnet(cfg: Config, depth: int):
+    return no.DepthStack(lambda rngs: no.MLPField(cfg.width, cfg.width, rngs=rngs), depth,
+                         rngs=nnx.Rngs(cfg.seed))
+
+
+def odeint_loss(depth: int):
+    def loss(stack, y0):
+        ys = no.odeint(stack, y0, jnp.array([0.0, 1.0]), solver=no.Euler(), substeps=depth)
+        return jnp.sum(ys[-1] ** 2)
+
+    return jax.jit(nnx.grad(loss, argnums=(0, 1)))
+
+
+def hand_written_loss(depth: int):
+    """The same ResNet written directly: y <- y + h (W2 tanh(W1 y + b1) + b2), scanned over blocks."""
+    h = 1.0 / depth
+
+    def loss(params, y0):
+        def block(y, p):
+            hidden = jnp.tanh(y @ p["k1"] + p["b1"])
+            return y + h * (hidden @ p["k2"] + p["b2"]), None
+
+        y, _ = jax.lax.scan(block, y0, params)
+        return jnp.sum(y**2)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def stacked_params(stack):
+    first, second = stack.layers.layers[0], stack.layers.layers[1]
+    return {"k1": first.kernel[...], "b1": first.bias[...], "k2": second.kernel[...],
+            "b2": second.bias[...]}
+
+
+def tied_field(t, y, p):
+    return jnp.tanh(y @ p["k1"] + p["b1"]) @ p["k2"] + p["b2"]
+
+
+def solver_losses(ours, theirs, depth: int):
+    def our_loss(params, y0):
+        ys = no.odeint(tied_field, y0, jnp.array([0.0, 1.0]), params, solver=ours, substeps=depth)
+        return jnp.sum(ys[-1] ** 2)
+
+    def diffrax_loss(params, y0):
+        sol = diffrax.diffeqsolve(diffrax.ODETerm(tied_field), theirs, t0=0.0, t1=1.0,
+                                  dt0=1.0 / depth, y0=y0, args=params,
+                                  adjoint=diffrax.RecursiveCheckpointAdjoint(checkpoints=depth))
+        return jnp.sum(sol.ys[-1] ** 2)
+
+    grad = lambda loss: jax.jit(jax.grad(loss, argnums=(0, 1)))  # noqa: E731
+    return grad(our_loss), grad(diffrax_loss)
+
+
+def run(cfg: Config) -> dict:
+    import matplotlib.pyplot as plt
+
+    y0 = jax.random.normal(jax.random.key(cfg.seed), (cfg.batch, cfg.width), jnp.float32)
+    stack = resnet(cfg, cfg.depth)
+    timings = time_interleaved(
+        {"odeint": odeint_loss(cfg.depth), "hand_written": hand_written_loss(cfg.depth)},
+        {"odeint": (stack, y0), "hand_written": (stacked_params(stack), y0)}, repeats=cfg.repeats,
+        number=cfg.number)
+    overhead = timings["odeint"]["run_s"] / timings["hand_written"]["run_s"]
+    print(f"overhead_ratio = {overhead:.3f}")
+
+    tied = jax.tree.map(lambda x: x[0], stacked_params(stack))
+    vs_diffrax, solver_timings = {}, {}
+    for ours, theirs in [(no.Euler(), diffrax.Euler()), (no.Midpoint(), diffrax.Midpoint()),
+                         (no.Heun(), diffrax.Heun())]:
+        our_grad, diffrax_grad = solver_losses(ours, theirs, cfg.depth)
+        t = time_interleaved({"ours": our_grad, "diffrax": diffrax_grad},
+                             {"ours": (tied, y0), "diffrax": (tied, y0)}, repeats=cfg.repeats,
+                             number=cfg.number)
+        name = type(ours).__name__
+        vs_diffrax[name] = t["ours"]["run_s"] / t["diffrax"]["run_s"]
+        solver_timings[name] = t
+        print(f"vs_diffrax[{name}] = {vs_diffrax[name]:.3f}")
+
+    compile_s = {}
+    for depth in cfg.compile_depths:
+        stack_l = resnet(cfg, depth)
+        compile_s[depth] = time_compiled(odeint_loss(depth), stack_l, y0, repeats=1)["compile_s"]
+        print(f"compile_s[{depth}] = {compile_s[depth]:.2f}")
+    depths = sorted(compile_s)
+    compile_ratio = compile_s[depths[-1]] / compile_s[depths[0]]
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    names = ["overhead (odeint / scan)"] + [f"{k} / diffrax" for k in vs_diffrax]
+    axes[0].barh(names, [overhead] + list(vs_diffrax.values()))
+    axes[0].axvline(1.0, color="k", lw=0.8)
+    axes[0].set_xlabel("time ratio (forward + backward)")
+    axes[1].plot(depths, [compile_s[d] for d in depths], "o-")
+    axes[1].set(xscale="log", xlabel="depth L", ylabel="compile time [s]",
+                title=f"compile_ratio = {compile_ratio:.2f}")
+    save_figure(cfg, fig, "bench_solvers")
+
+    return {
+        "device": str(jax.devices()[0]),
+        "overhead_ratio": overhead,
+        "vs_diffrax": vs_diffrax,
+        "compile_s": compile_s,
+        "compile_ratio": compile_ratio,
+        "timings": {"resnet": timings, "solvers": solver_timings},
+        "headline": {"overhead_ratio (goal <= 1.05)": round(overhead, 3),
+                     "vs_diffrax (goal <= 1.0)": {k: round(v, 3) for k, v in vs_diffrax.items()},
+                     "compile_ratio (goal <= 1.5)": round(compile_ratio, 3)},
+    }
+
+
+if __name__ == "__main__":
+    main(__name__, Config, run, QUICK)
