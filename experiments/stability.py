@@ -73,7 +73,7 @@ def euler_error_propagation(a: np.ndarray, y0: np.ndarray, horizon: float, steps
     grad = np.asarray(jax.grad(lambda y: jnp.vdot(jnp.asarray(u), neuralode.odeint(
         field, y, ts, solver=neuralode.Euler())[-1]))(jnp.asarray(y0)))
     grad_closed = np.linalg.matrix_power(m.T, steps) @ u
-    per_step = analysis.solve_gradient_norms(neuralode.odeint, field, jnp.asarray(y0), ts, jnp.asarray(u),
+    per_step = analysis.solve_gradient_norms(field, jnp.asarray(y0), ts, jnp.asarray(u),
                                              solver=neuralode.Euler()) if steps <= 50 else None
     power_norms = np.array([np.linalg.norm(np.linalg.matrix_power(m.T, j) @ u) for j in range(steps, -1, -1)])
     return {"h": h, "steps": steps, "global_error_norm": float(np.linalg.norm(global_error)),

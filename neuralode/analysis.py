@@ -23,6 +23,9 @@ import numpy as np
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+from neuralode.fields import DepthStack
+from neuralode.solve import odeint
+
 # ---------------------------------------------------------------------------------------------
 # Gradient flow
 
@@ -63,15 +66,13 @@ def parameter_gradient_norms(grads) -> dict[str, float]:
     return {jax.tree_util.keystr(path): float(jnp.linalg.norm(jnp.ravel(leaf))) for path, leaf in leaves}
 
 
-def solve_gradient_norms(odeint: Callable, f, y0, ts, cotangent=None, **odeint_kwargs) -> np.ndarray:
+def solve_gradient_norms(f, y0, ts, cotangent=None, **odeint_kwargs) -> np.ndarray:
     """||dL/dy(t_k)|| for every k of an `odeint` solve, with L = <cotangent, y(t_N)>.
 
     Each interval [t_k, t_{k+1}] is treated as one layer y(t_k) -> y(t_{k+1}) and differentiated by
     the solve's own adjoint. Correct for fields that depend on t, not on the step counter, so a
     `DepthStack` (slice k for step k) is refused: each re-started interval would use slice 0.
     """
-    from neuralode.fields import DepthStack
-
     if isinstance(f, DepthStack):
         raise TypeError("solve_gradient_norms needs a weight-tied field; for a DepthStack use "
                         "layer_gradient_norms on its per-step Euler blocks")
