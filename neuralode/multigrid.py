@@ -240,7 +240,7 @@ def gauss_seidel(op, u, f, sweeps: int = 1):
     inv_d = 1 / op.diagonal(u.dtype)
     idx = [jax.lax.broadcasted_iota(jnp.int32, u.shape, k) for k in range(u.ndim)]
     if isinstance(op, Stencil):
-        colour = (idx[0] % 2) * 2 + (idx[0] + idx[1]) % 2  # (0,0), (1,1) red; (0,1), (1,0) black
+        colour = ((idx[0] + idx[1]) % 2) * 2 + idx[0] % 2  # (0,0), (1,1) red; (0,1), (1,0) black
         colours = range(4)
     else:
         colour, colours = sum(idx) % 2, range(2)

@@ -14,7 +14,10 @@ def _random(shape, seed=0, dtype=jnp.float64):
 
 
 def _lognormal(n, seed=0, sigma=1.0):
-    return mg.lognormal_coefficients(jax.random.key(seed), n, sigma, length=0.1)
+    return _lognormal_jit(jax.random.key(seed), n, sigma, 0.1)
+
+
+_lognormal_jit = jax.jit(mg.lognormal_coefficients, static_argnums=(1, 2, 3))
 
 
 @functools.cache
@@ -41,6 +44,14 @@ def test_jacobi_factor_matches_eigenvalues(ndim, n, omega):
     rho = mg.convergence_factor(lambda e: mg.jacobi(op, e, zero, omega), _random(op.shape), 800)
     # 1 - rho is the rate; matching it to 1 % is much stronger than matching rho to 1 %.
     np.testing.assert_allclose(1 - float(rho), 1 - theory, rtol=1e-2)
+
+
+def test_red_black_gauss_seidel_factor_is_jacobi_squared():
+    # For consistently ordered matrices rho(GS) = rho(Jacobi)^2 = cos^2(pi h) (Young 1971).
+    op = mg.Poisson(16)
+    zero = jnp.zeros(op.shape)
+    rho = mg.convergence_factor(lambda e: mg.gauss_seidel(op, e, zero), _random(op.shape), 800)
+    np.testing.assert_allclose(1 - float(rho), 1 - np.cos(np.pi / 16) ** 2, rtol=1e-2)
 
 
 def test_vcycle_gauss_seidel_factor_is_small_and_h_independent():
@@ -116,9 +127,9 @@ def test_restriction_is_scaled_adjoint_of_prolongation(ndim):
 
 
 @pytest.mark.parametrize("make", [lambda: mg.Poisson(16, 1), lambda: mg.Poisson(16, 2),
-                                  lambda: mg.diffusion(_lognormal(16)),
-                                  lambda: mg.hierarchy(mg.diffusion(_lognormal(16)))[1],
-                                  lambda: mg.Poisson(16).coarsen(galerkin=True)])
+                                  lambda: jax.jit(mg.diffusion)(_lognormal(16)),
+                                  lambda: jax.jit(lambda a: mg.diffusion(a).coarsen())(_lognormal(16)),
+                                  lambda: jax.jit(lambda: mg.Poisson(16).coarsen(galerkin=True))()])
 def test_operators_are_symmetric_positive(make):
     op = make()
     u, v = _random(op.shape, 0), _random(op.shape, 1)
@@ -131,6 +142,10 @@ def test_stencils_and_galerkin_product():
     u = _random(op.shape)
     np.testing.assert_allclose(mg.stencil_of(op, 15)(u), op(u), rtol=1e-13, atol=1e-10)
     np.testing.assert_allclose(mg.diffusion(jnp.ones((16, 16)))(u), op(u), rtol=1e-13, atol=1e-10)
+    # four-colour Gauss-Seidel on a 5-point stencil is red-black Gauss-Seidel
+    f = _random(op.shape, 2)
+    np.testing.assert_allclose(mg.gauss_seidel(mg.stencil_of(op, 15), u, f, 2), mg.gauss_seidel(op, u, f, 2),
+                               rtol=1e-12, atol=1e-12)
     # R A P for the 5-point Laplacian with full weighting / bilinear: [-1 -2 -1; -2 12 -2; -1 -2 -1] / (4 H^2)
     coarse = op.coarsen(galerkin=True)
     expected = np.array([[-1, -2, -1], [-2, 12, -2], [-1, -2, -1]]) / (4 * (1 / 8) ** 2)
