@@ -1,0 +1,312 @@
+"""Adjoints measured: memory, time and accuracy of the three ways `odeint` obtains a gradient (issue 3).
+
+- memory_bytes[adjoint][L]: compiled temporary memory (`memory_analysis().temp_size_in_bytes`, the
+  buffers XLA allocates besides arguments and outputs) of d(sum y(1)^2)/d(theta, y0) for a weight-tied
+  MLPField (width 256, batch 128, float32) solved with `cfg.solver` in L = 10, 100, 1000 steps.
+  Compile-only, so it keeps these sizes under --quick. Goals: backsolve memory[1000]/memory[10]
+  <= 1.1, discrete about linear, checkpoint (default ~sqrt(L) segments) memory[1000]/memory[10] <= 15.
+- grad_time_s[adjoint][L]: run time of the same compiled gradients (compile excluded, blocked on,
+  median of interleaved repeats, each sample >= `min_sample_s`). Goal: checkpoint <= 2 x discrete.
+- grad_rel_error[L] = ||g_backsolve - g_discrete|| / ||g_discrete|| (gradient w.r.t. parameters and
+  y0) for a ReLU ConvField (pre-activation ResNet branch, NHWC images) solved with `error_solver`:
+  the continuous adjoint is not the gradient of the discrete network (Gholami et al. 2019, ANODE).
+  The same for a tanh field with the same weights, for contrast, with fitted slopes of log error vs
+  log h, and `backsolve_reconstruction_error` (how far the backwards solve lands from y0) vs h.
+  `contrast_solvers` repeats the error sweep with other solvers: with RK4 the smooth field's error
+  falls at order 4 to float32 rounding while the ReLU field's stalls (order reduction: df/dy jumps
+  where a ReLU switches, and the continuous adjoint evaluates it at other points than backprop).
+- nfe: forward and backward vector-field evaluations from `solve(...).stats`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import neuralode as no
+from experiments.common import main, save_figure, time_interleaved
+
+ADJOINTS = {"discrete": no.DiscreteAdjoint, "checkpoint": no.CheckpointAdjoint,
+            "backsolve": no.BacksolveAdjoint}
+SOLVERS = ("Euler", "Midpoint", "Heun", "RK4")
+ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh}
+
+
+@dataclasses.dataclass
+class Config:
+    out: str = "results"
+    quick: bool = False
+    solver: str = dataclasses.field(default="Euler", metadata={
+        "help": "fixed-step solver of the memory and time measurements", "choices": SOLVERS})
+    depths: tuple[int, ...] = dataclasses.field(default=(10, 100, 1000), metadata={
+        "help": "steps L of the memory and time measurements (ts = [0, 1], substeps = L)"})
+    memory_width: int = dataclasses.field(default=256, metadata={
+        "help": "MLP width for the memory analysis (compile only, so --quick keeps it)"})
+    memory_batch: int = 128
+    width: int = dataclasses.field(default=256, metadata={"help": "MLP width for the timings"})
+    batch: int = dataclasses.field(default=128, metadata={"help": "batch for the timings"})
+    repeats: int = 7
+    min_sample_s: float = dataclasses.field(default=0.05, metadata={
+        "help": "calls per timing sample are chosen so that one sample takes at least this long"})
+    error_solver: str = dataclasses.field(default="Midpoint", metadata={
+        "help": "solver of the backsolve-vs-discrete error sweep (headline)", "choices": SOLVERS})
+    contrast_solvers: tuple[str, ...] = dataclasses.field(default=("Euler", "RK4"), metadata={
+        "help": "further solvers for the error sweep"})
+    error_steps: tuple[int, ...] = dataclasses.field(default=(2, 4, 8, 16, 32, 64), metadata={
+        "help": "steps L of the error sweep (h = 1 / L)"})
+    channels: int = 8
+    image_size: int = 16
+    images: int = 8
+    seed: int = 0
+
+
+QUICK = {"width": 64, "batch": 32, "repeats": 3, "min_sample_s": 0.05, "contrast_solvers": (),
+         "error_steps": (2, 4, 8), "channels": 4, "image_size": 8, "images": 4}
+
+
+def make_solver(name: str):
+    if name not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {name!r}")
+    return getattr(no, name)()
+
+
+def slope(steps, values) -> float:
+    """Least-squares slope of log(value) against log(h), h = 1 / steps."""
+    h = 1.0 / np.asarray(steps, dtype=float)
+    return float(np.polyfit(np.log(h), np.log(np.asarray(values, dtype=float)), 1)[0])
+
+
+def flat(tree) -> jax.Array:
+    return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def gradient_fn(graphdef, solver, adjoint, steps: int, ts):
+    """d/d(params, y0) of sum(y(t1)^2) as a pure function of (params, y0), jit-ed."""
+    def loss(params, y0):
+        ys = no.odeint(nnx.merge(graphdef, params), y0, ts, solver=solver, substeps=steps,
+                       adjoint=adjoint)
+        return jnp.sum(ys[-1] ** 2)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def solve_stats(field, y0, ts, solver, adjoint, steps: int) -> dict:
+    """`solve(...).stats` (Python ints fixed at trace time), read under `eval_shape`: nothing runs."""
+    stats = {}
+
+    def forward(y0):
+        sol = no.solve(field, y0, ts, solver=solver, substeps=steps, adjoint=adjoint)
+        stats.update(sol.stats)
+        return sol.ys
+
+    jax.eval_shape(forward, y0)
+    return {"nfe": stats["nfe"], "nfe_backward": stats["nfe_backward"]}
+
+
+def mlp_problem(width: int, batch: int, seed: int):
+    field = no.MLPField(width, width, rngs=nnx.Rngs(seed))
+    y0 = jax.random.normal(jax.random.key(seed + 1), (batch, width), jnp.float32)
+    graphdef, params = nnx.split(field)
+    return field, graphdef, params, y0
+
+
+def memory(cfg: Config, solver, ts) -> tuple[dict, dict, dict]:
+    """Compiled memory statistics of every (adjoint, L) gradient; nothing is run."""
+    field, graphdef, params, y0 = mlp_problem(cfg.memory_width, cfg.memory_batch, cfg.seed)
+    temp, analysis, nfe = {}, {}, {}
+    for name, adjoint in ADJOINTS.items():
+        temp[name], analysis[name], nfe[name] = {}, {}, {}
+        for steps in cfg.depths:
+            compiled = gradient_fn(graphdef, solver, adjoint(), steps, ts).lower(params, y0).compile()
+            stats = compiled.memory_analysis()
+            temp[name][steps] = int(stats.temp_size_in_bytes)
+            analysis[name][steps] = {
+                key: int(getattr(stats, key)) for key in (
+                    "temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+                    "alias_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes")
+                if hasattr(stats, key)}
+            nfe[name][steps] = solve_stats(field, y0, ts, solver, adjoint(), steps)
+            print(f"memory {name:10s} L={steps:5d}: temp {temp[name][steps] / 2**20:9.2f} MiB",
+                  flush=True)
+    return temp, analysis, nfe
+
+
+class _Precompiled:
+    """Hands an already compiled executable to `time_interleaved` (which calls .lower().compile())."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def lower(self, *args):
+        return self
+
+    def compile(self):
+        return self.compiled
+
+
+def timings(cfg: Config, solver, ts) -> tuple[dict, dict]:
+    """Per L, the three adjoints' gradients timed in alternation (compile excluded)."""
+    _, graphdef, params, y0 = mlp_problem(cfg.width, cfg.batch, cfg.seed)
+    run_s = {name: {} for name in ADJOINTS}
+    details = {name: {} for name in ADJOINTS}
+    for steps in cfg.depths:
+        compiled, compile_s, single = {}, {}, []
+        for name, adjoint in ADJOINTS.items():
+            start = time.perf_counter()
+            compiled[name] = gradient_fn(graphdef, solver, adjoint(), steps, ts).lower(
+                params, y0).compile()
+            compile_s[name] = time.perf_counter() - start
+            jax.block_until_ready(compiled[name](params, y0))  # warm-up
+            start = time.perf_counter()
+            jax.block_until_ready(compiled[name](params, y0))
+            single.append(time.perf_counter() - start)
+        # Enough calls per sample that the fastest adjoint's sample lasts >= min_sample_s.
+        number = max(1, math.ceil(cfg.min_sample_s / max(min(single), 1e-6)))
+        result = time_interleaved({k: _Precompiled(c) for k, c in compiled.items()},
+                                  {k: (params, y0) for k in compiled}, repeats=cfg.repeats,
+                                  number=number)
+        for name in ADJOINTS:
+            run_s[name][steps] = result[name]["run_s"]
+            details[name][steps] = {"run_s": result[name]["run_s"], "runs_s": result[name]["runs_s"],
+                                    "number": number, "compile_s": compile_s[name]}
+        print(f"time L={steps:5d}: " + ", ".join(f"{k} {run_s[k][steps] * 1e3:.2f} ms"
+                                                  for k in ADJOINTS), flush=True)
+    return run_s, details
+
+
+def error_sweep(cfg: Config, solver, ts) -> dict:
+    """Backsolve vs discrete gradients and the reconstruction error of y0, per activation and L."""
+    y0 = jax.random.normal(jax.random.key(cfg.seed + 2),
+                           (cfg.images, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
+    out = {}
+    for act_name, activation in ACTIVATIONS.items():
+        # The same weights for both activations: only the nonlinearity differs.
+        field = no.ConvField(cfg.channels, activation=activation, rngs=nnx.Rngs(cfg.seed))
+        graphdef, params = nnx.split(field)
+        errors, reconstruction, nfe = {}, {}, {}
+        for steps in cfg.error_steps:
+            def measure(params, y0):
+                grads = [flat(jax.grad(lambda p, y: jnp.sum(no.odeint(
+                    nnx.merge(graphdef, p), y, ts, solver=solver, substeps=steps,
+                    adjoint=adjoint)[-1] ** 2), argnums=(0, 1))(params, y0))
+                    for adjoint in (no.DiscreteAdjoint(), no.BacksolveAdjoint())]
+                rel = jnp.linalg.norm(grads[1] - grads[0]) / jnp.linalg.norm(grads[0])
+                rec = no.backsolve_reconstruction_error(nnx.merge(graphdef, params), y0, ts,
+                                                        solver=solver, substeps=steps)[0]
+                return rel, rec
+
+            rel, rec = jax.jit(measure)(params, y0)
+            errors[steps], reconstruction[steps] = float(rel), float(rec)
+            nfe[steps] = solve_stats(field, y0, ts, solver, no.BacksolveAdjoint(), steps)
+            print(f"error {type(solver).__name__} {act_name} L={steps:4d}: rel {errors[steps]:.3e}, "
+                  f"reconstruction {reconstruction[steps]:.3e}", flush=True)
+        steps_list = list(errors)
+        out[act_name] = {"grad_rel_error": errors, "reconstruction_error": reconstruction,
+                         "slope": slope(steps_list, list(errors.values())),
+                         "reconstruction_slope": slope(steps_list, list(reconstruction.values())),
+                         "nfe": nfe}
+    return out
+
+
+def ratio(table: dict, hi, lo) -> float:
+    return table[hi] / table[lo]
+
+
+def run(cfg: Config) -> dict:
+    import matplotlib.pyplot as plt
+
+    solver = make_solver(cfg.solver)
+    ts = jnp.array([0.0, 1.0], jnp.float32)
+    lo, hi = min(cfg.depths), max(cfg.depths)
+
+    memory_bytes, memory_analysis, nfe = memory(cfg, solver, ts)
+    memory_ratio = {name: ratio(memory_bytes[name], hi, lo) for name in ADJOINTS}
+    # Bytes per extra step of the discrete adjoint, in units of one state (batch x width float32).
+    state_bytes = cfg.memory_batch * cfg.memory_width * 4
+    discrete_per_step = ((memory_bytes["discrete"][hi] - memory_bytes["discrete"][lo])
+                         / (hi - lo) / state_bytes)
+
+    grad_time_s, timing_details = timings(cfg, solver, ts)
+    time_ratio = {steps: grad_time_s["checkpoint"][steps] / grad_time_s["discrete"][steps]
+                  for steps in cfg.depths}
+    backsolve_time_ratio = {steps: grad_time_s["backsolve"][steps] / grad_time_s["discrete"][steps]
+                            for steps in cfg.depths}
+
+    sweeps = {cfg.error_solver: error_sweep(cfg, make_solver(cfg.error_solver), ts)}
+    for name in cfg.contrast_solvers:
+        if name not in sweeps:
+            sweeps[name] = error_sweep(cfg, make_solver(name), ts)
+    main_sweep = sweeps[cfg.error_solver]
+    smallest = min(cfg.error_steps)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in ADJOINTS:
+        axes[0].plot(cfg.depths, [memory_bytes[name][s] / 2**20 for s in cfg.depths], "o-",
+                     label=f"{name} (x{memory_ratio[name]:.2f})")
+        axes[1].plot(cfg.depths, [grad_time_s[name][s] * 1e3 for s in cfg.depths], "o-", label=name)
+    axes[0].set(xscale="log", yscale="log", xlabel="steps L", ylabel="temp memory [MiB]",
+                title=f"gradient temp memory, MLP {cfg.memory_width}x{cfg.memory_batch}, "
+                      f"{cfg.solver}")
+    axes[1].set(xscale="log", yscale="log", xlabel="steps L", ylabel="gradient time [ms]",
+                title=f"gradient time, MLP {cfg.width}x{cfg.batch}")
+    for ax in axes:
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+    save_figure(cfg, fig, "adjoint_memory_time")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"relu": "o-", "tanh": "s--"}
+    for solver_name, sweep in sweeps.items():
+        for act_name, res in sweep.items():
+            h = [1.0 / s for s in res["grad_rel_error"]]
+            axes[0].plot(h, list(res["grad_rel_error"].values()), styles[act_name],
+                         label=f"{solver_name} {act_name} (slope {res['slope']:.2f})")
+            axes[1].plot(h, list(res["reconstruction_error"].values()), styles[act_name],
+                         label=f"{solver_name} {act_name} (slope {res['reconstruction_slope']:.2f})")
+    axes[0].set(xscale="log", yscale="log", xlabel="step size h",
+                ylabel="||g_backsolve - g_discrete|| / ||g_discrete||",
+                title="continuous adjoint vs backprop (ConvField)")
+    axes[1].set(xscale="log", yscale="log", xlabel="step size h", ylabel="max |y0 - y0~|",
+                title="backsolve reconstruction error of y0")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    save_figure(cfg, fig, "adjoint_error")
+
+    return {
+        "device": str(jax.devices()[0]),
+        "memory_bytes": memory_bytes,
+        "memory_analysis": memory_analysis,
+        "memory_ratio": memory_ratio,
+        "discrete_bytes_per_step_in_states": discrete_per_step,
+        "grad_time_s": grad_time_s,
+        "checkpoint_time_ratio": time_ratio,
+        "backsolve_time_ratio": backsolve_time_ratio,
+        "timings": timing_details,
+        "nfe": nfe,
+        "grad_rel_error": main_sweep["relu"]["grad_rel_error"],
+        "grad_rel_error_tanh": main_sweep["tanh"]["grad_rel_error"],
+        "error_sweeps": sweeps,
+        "headline": {
+            f"memory_ratio L={hi}/L={lo}": {
+                "backsolve (goal <= 1.1)": round(memory_ratio["backsolve"], 3),
+                "checkpoint (goal <= 15)": round(memory_ratio["checkpoint"], 2),
+                "discrete (about linear)": round(memory_ratio["discrete"], 1)},
+            "checkpoint/discrete time (goal <= 2)": {s: round(r, 2) for s, r in time_ratio.items()},
+            f"relu grad_rel_error {cfg.error_solver} L={smallest}":
+                float(f"{main_sweep['relu']['grad_rel_error'][smallest]:.3g}"),
+            f"tanh grad_rel_error {cfg.error_solver} L={smallest}":
+                float(f"{main_sweep['tanh']['grad_rel_error'][smallest]:.3g}"),
+            "slopes relu/tanh": {name: (round(s["relu"]["slope"], 2), round(s["tanh"]["slope"], 2))
+                                 for name, s in sweeps.items()},
+        },
+    }
+
+
+if __name__ == "__main__":
+    main(__name__, Config, run, QUICK)

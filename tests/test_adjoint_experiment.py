@@ -1,0 +1,31 @@
+"""experiments.adjoint with --quick settings: the numbers that must hold on any machine (memory from
+the compiled program, errors from the arithmetic); timings are recorded but not asserted."""
+import numpy as np
+
+from experiments.adjoint import QUICK, Config, run
+
+
+def test_adjoint_experiment_quick(tmp_path):
+    results = run(Config(**QUICK, out=str(tmp_path)))
+    memory = results["memory_bytes"]
+    assert memory["backsolve"][1000] / memory["backsolve"][10] <= 1.1  # constant memory
+    assert memory["checkpoint"][1000] / memory["checkpoint"][10] <= 15  # ~sqrt(L) segments
+    assert memory["discrete"][1000] > 20 * memory["discrete"][10]  # every step stored
+    assert memory["discrete"][1000] > 10 * memory["checkpoint"][1000]
+
+    for name, times in results["grad_time_s"].items():
+        assert all(np.isfinite(t) and t > 0 for t in times.values()), name
+    assert results["nfe"]["checkpoint"][1000]["nfe_backward"] == 2 * results["nfe"]["discrete"][
+        1000]["nfe_backward"]
+
+    # The ANODE effect: the continuous adjoint is not backprop's gradient, and worse for ReLU.
+    relu, tanh = results["grad_rel_error"], results["grad_rel_error_tanh"]
+    steps = sorted(relu)
+    assert steps == sorted(QUICK["error_steps"])
+    for L in steps:
+        assert relu[L] > tanh[L] > 0, L
+    assert all(relu[a] > relu[b] for a, b in zip(steps, steps[1:])), relu
+    assert relu[steps[0]] > 1e-2  # few steps: a gradient off by percent, not rounding
+
+    for name in ("adjoint_memory_time.png", "adjoint_error.png"):
+        assert (tmp_path / name).stat().st_size > 0
