@@ -8,11 +8,13 @@ an L-block ResNet.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 
 def _with_time(t, y, channel_axis_last: bool = True):
@@ -20,6 +22,41 @@ def _with_time(t, y, channel_axis_last: bool = True):
     Chen et al. 2018, torchdiffeq's ConcatConv2d."""
     t_feature = jnp.broadcast_to(jnp.asarray(t, y.dtype), y.shape[:-1] + (1,))
     return jnp.concatenate([y, t_feature], axis=-1)
+
+
+def im2col_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
+                dimension_numbers=None, feature_group_count=1, precision=None,
+                preferred_element_type=None, **unused_sharding):
+    """A stride-1, channels-last convolution as one matrix product of the stacked shifted windows
+    (im2col), with the signature of `lax.conv_general_dilated` that `nnx.Conv` calls.
+
+    The same numbers as XLA's convolution. Inside loops (`lax.scan`, diffrax's while loop) XLA:CPU
+    runs the gradient of a convolution ~20x slower than this (measured on an 8-block ConvField
+    ResNet, batch 64, 8x8x32), while slices and matrix products keep their speed.
+    """
+    del dimension_numbers, unused_sharding  # nnx.Conv passes channels-last numbers
+    if (any(s != 1 for s in window_strides) or feature_group_count != 1
+            or any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))):
+        raise ValueError("im2col_conv supports stride 1, no dilation and one group, got strides "
+                         f"{window_strides}, groups {feature_group_count}")
+    kernel = rhs.shape[:-2]
+    if isinstance(padding, str):
+        if padding != "SAME":
+            raise ValueError(f"im2col_conv supports SAME padding, got {padding!r}")
+        padding = [((k - 1) // 2, k // 2) for k in kernel]
+    padded = jnp.pad(lhs, [(0, 0), *padding, (0, 0)])
+    out = [n + lo + hi - k + 1 for n, (lo, hi), k in zip(lhs.shape[1:-1], padding, kernel)]
+    windows = [padded[(slice(None), *(slice(o, o + n) for o, n in zip(offset, out)))]
+               for offset in itertools.product(*(range(k) for k in kernel))]
+    return jnp.dot(jnp.concatenate(windows, axis=-1), rhs.reshape(-1, rhs.shape[-1]),
+                   precision=precision, preferred_element_type=preferred_element_type)
+
+
+def field_conv(lhs, rhs, window_strides, padding, **options):
+    """The convolution of `ConvField`: `im2col_conv` on the CPU backend, XLA's elsewhere."""
+    if jax.default_backend() == "cpu":
+        return im2col_conv(lhs, rhs, window_strides, padding, **options)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
 
 
 class MLPField(nnx.Module):
@@ -52,7 +89,7 @@ class MLPField(nnx.Module):
 class ConvField(nnx.Module):
     """f(t, y) = conv_2(s(norm_2(conv_1(s(norm_1(y)))))) with "same" padding, channels last
     (NWC for `spatial_dims=1`, NHWC for 2): the pre-activation residual branch of He et al. 2016
-    and the ODE function of Chen et al. 2018. `time_dependent` feeds t as an extra input channel to
+    and the ODE function of Chen et al. 2018. Convolutions run through `field_conv`. `time_dependent` feeds t as an extra input channel to
     both convolutions; `norm` adds GroupNorm (min(32, channels) groups) before each activation.
     """
 
@@ -63,9 +100,9 @@ class ConvField(nnx.Module):
         extra = 1 if time_dependent else 0
         kernel = (kernel_size,) * spatial_dims
         self.conv1 = nnx.Conv(channels + extra, hidden, kernel, padding="SAME",
-                              param_dtype=param_dtype, rngs=rngs)
+                              param_dtype=param_dtype, conv_general_dilated=field_conv, rngs=rngs)
         self.conv2 = nnx.Conv(hidden + extra, channels, kernel, padding="SAME",
-                              param_dtype=param_dtype, rngs=rngs)
+                              param_dtype=param_dtype, conv_general_dilated=field_conv, rngs=rngs)
         if norm:
             self.norm1 = nnx.GroupNorm(channels, num_groups=min(32, channels),
                                        param_dtype=param_dtype, rngs=rngs)

@@ -47,3 +47,15 @@ def test_depth_stack_has_a_leading_depth_axis_and_independent_layers():
     np.testing.assert_array_equal(stack.layer(3).layers[0].kernel[...], kernels[3])
     with pytest.raises(TypeError, match="DepthStack has one field per step"):
         stack(0.0, jnp.ones(3))
+
+
+@pytest.mark.parametrize("shape, kernel", [((2, 9, 3), (3,)), ((2, 7, 6, 3), (3, 3)),
+                                           ((1, 8, 8, 2), (4, 4)), ((1, 5, 5, 2), (1, 1))])
+def test_im2col_convolution_equals_xla(shape, kernel):
+    x = jax.random.normal(jax.random.key(0), shape, jnp.float64)
+    w = jax.random.normal(jax.random.key(1), kernel + (shape[-1], 4), jnp.float64)
+    numbers = ("NWC", "WIO", "NWC") if len(shape) == 3 else ("NHWC", "HWIO", "NHWC")
+    expected = jax.lax.conv_general_dilated(x, w, (1,) * len(kernel), "SAME",
+                                            dimension_numbers=numbers)
+    np.testing.assert_allclose(no.fields.im2col_conv(x, w, (1,) * len(kernel), "SAME"), expected,
+                               rtol=1e-13, atol=1e-13)
