@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from experiments.common import main, save_figure, time_compiled
+from experiments.common import main, save_figure, time_interleaved
 from neuralode import multigrid as mg
 
 
@@ -96,31 +96,39 @@ def head_to_head(cfg: Config) -> dict:
 
 
 def scaling(cfg: Config) -> dict:
+    """Solve time per unknown for every size, the sizes timed in alternation."""
+    solvers, args = {}, {}
+    for n in cfg.sizes:
+        solvers[n] = _ours(n, cfg.rtol)
+        args[n] = (jnp.asarray(np.random.default_rng(n).standard_normal((n - 1, n - 1))),)
+    times = time_interleaved(solvers, args, repeats=cfg.repeats)
     rows = {}
-    for n in tqdm(cfg.sizes, desc="time per unknown"):
-        f = jnp.asarray(np.random.default_rng(n).standard_normal((n - 1, n - 1)))
-        t = time_compiled(_ours(n, cfg.rtol), f, repeats=cfg.repeats)
-        rows[n] = {"run_s": t["run_s"], "compile_s": t["compile_s"],
-                   "time_per_unknown_s": t["run_s"] / (n - 1) ** 2}
+    for n in cfg.sizes:
+        cycles = int(solvers[n](*args[n]).cycles)
+        rows[n] = {"run_s": times[n]["run_s"], "compile_s": times[n]["compile_s"], "cycles": cycles,
+                   "time_per_unknown_s": times[n]["run_s"] / (n - 1) ** 2}
     per = [r["time_per_unknown_s"] for r in rows.values()]
     return {"sizes": rows, "linearity": max(per) / min(per), "linearity_goal": 1.5}
 
 
 def bandwidth(cfg: Config) -> dict:
     """Effective bytes of a sweep (read u and f, write u: 24 bytes per unknown) / time, over the
-    bandwidth of u + 1 on the same array (read u, write a copy: 16 bytes per unknown)."""
+    bandwidth of u + 1 on the same array (read u, write a copy: 16 bytes per unknown); the three are
+    timed in alternation."""
     n = cfg.bandwidth_n  # (n - 1)^2 float64 = 32 MiB per array at n = 2048: far out of cache
     op = mg.Poisson(n)
     u = jnp.asarray(np.random.default_rng(1).standard_normal((n - 1, n - 1)))
     f = jnp.ones_like(u)
-    copy = time_compiled(jax.jit(lambda x: x + 1.0), u, repeats=cfg.repeats, number=3)["run_s"]
-    copy_bw = 2 * u.nbytes / copy
+    fns = {"copy": jax.jit(lambda x: x + 1.0), "jacobi": jax.jit(lambda u, f: mg.jacobi(op, u, f, 0.8)),
+           "gauss_seidel": jax.jit(lambda u, f: mg.gauss_seidel(op, u, f))}
+    times = time_interleaved(fns, {"copy": (u,), "jacobi": (u, f), "gauss_seidel": (u, f)},
+                             repeats=3 * cfg.repeats, number=3)
+    copy_bw = 2 * u.nbytes / times["copy"]["run_s"]
     out = {"array_MiB": u.nbytes / 2**20, "copy_GBps": copy_bw / 1e9}
-    for name, sweep in (("jacobi", lambda u, f: mg.jacobi(op, u, f, 0.8)),
-                        ("gauss_seidel", lambda u, f: mg.gauss_seidel(op, u, f))):
-        t = time_compiled(jax.jit(sweep), u, f, repeats=cfg.repeats, number=3)["run_s"]
-        bw = 3 * u.nbytes / t
-        out[name] = {"sweep_s": t, "effective_GBps": bw / 1e9, "bandwidth_fraction": bw / copy_bw}
+    for name in ("jacobi", "gauss_seidel"):
+        bw = 3 * u.nbytes / times[name]["run_s"]
+        out[name] = {"sweep_s": times[name]["run_s"], "effective_GBps": bw / 1e9,
+                     "bandwidth_fraction": bw / copy_bw}
     out["bandwidth_fraction"] = out["jacobi"]["bandwidth_fraction"]
     out["goal"] = 0.3
     return out
@@ -135,7 +143,7 @@ def run(cfg: Config) -> dict:
           f"vs_pyamg = {h2h['vs_pyamg']:.3f}" + (f", spsolve {h2h['spsolve_s']:.2f} s, vs_spsolve = "
                                                  f"{h2h['vs_spsolve']:.4f}" if "spsolve_s" in h2h else ""))
     print("time per unknown (ns):", {n: round(r["time_per_unknown_s"] * 1e9, 2) for n, r in scale["sizes"].items()},
-          f"linearity = {scale['linearity']:.2f}")
+          f"linearity = {scale['linearity']:.2f}; cycles:", {n: r["cycles"] for n, r in scale["sizes"].items()})
     print(f"copy {bw['copy_GBps']:.2f} GB/s; sweep bandwidth fraction: jacobi {bw['jacobi']['bandwidth_fraction']:.2f},"
           f" red-black GS {bw['gauss_seidel']['bandwidth_fraction']:.2f}")
 
@@ -158,5 +166,4 @@ def run(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    # __spec__.name ("experiments.bench_multigrid") names the output bench_multigrid.json under -m
-    main(__spec__.name, Config, run, QUICK)
+    main(__name__, Config, run, QUICK)

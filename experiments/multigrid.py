@@ -266,5 +266,4 @@ def run(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    # __spec__.name ("experiments.multigrid") names the output multigrid.json under `python -m`
-    main(__spec__.name, Config, run, QUICK)
+    main(__name__, Config, run, QUICK)
