@@ -79,10 +79,17 @@ def make_solver(name: str):
     return getattr(no, name)()
 
 
-def slope(steps, values) -> float:
-    """Least-squares slope of log(value) against log(h), h = 1 / steps."""
-    h = 1.0 / np.asarray(steps, dtype=float)
-    return float(np.polyfit(np.log(h), np.log(np.asarray(values, dtype=float)), 1)[0])
+ROUNDING = 8 * float(np.finfo(np.float32).eps)  # relative float32 level below which slopes stop
+
+
+def slope(steps, values, floor: float = 0.0) -> float:
+    """Least-squares slope of log(value) against log(h), h = 1 / steps, over the values above
+    `floor` (errors at rounding level say nothing about the order); nan with fewer than 2 left."""
+    keep = [(s, v) for s, v in zip(steps, values) if v > floor]
+    if len(keep) < 2:
+        return float("nan")
+    h = 1.0 / np.asarray([s for s, _ in keep], dtype=float)
+    return float(np.polyfit(np.log(h), np.log(np.asarray([v for _, v in keep], dtype=float)), 1)[0])
 
 
 def flat(tree) -> jax.Array:
@@ -210,9 +217,14 @@ def error_sweep(cfg: Config, solver, ts) -> dict:
             print(f"error {type(solver).__name__} {act_name} L={steps:4d}: rel {errors[steps]:.3e}, "
                   f"reconstruction {reconstruction[steps]:.3e}", flush=True)
         steps_list = list(errors)
+        # Slopes leave out points at float32 rounding (relative for the gradient, times max|y0|
+        # for the reconstruction, which is an absolute error).
+        rec_floor = ROUNDING * float(jnp.max(jnp.abs(y0)))
         out[act_name] = {"grad_rel_error": errors, "reconstruction_error": reconstruction,
-                         "slope": slope(steps_list, list(errors.values())),
-                         "reconstruction_slope": slope(steps_list, list(reconstruction.values())),
+                         "slope": slope(steps_list, list(errors.values()), ROUNDING),
+                         "reconstruction_slope": slope(steps_list, list(reconstruction.values()),
+                                                       rec_floor),
+                         "slope_floor": ROUNDING, "reconstruction_slope_floor": rec_floor,
                          "nfe": nfe}
     return out
 
