@@ -132,13 +132,14 @@ def plot_history(cfg: Config, history: list[dict], name: str) -> Path:
     return save_figure(cfg, fig, name)
 
 
-def train_one(cfg: Config, dataset: Dataset) -> tuple[nnx.Module, dict]:
-    """Build and train `cfg.model` in `<out>/classify_<dataset>_<model>/`; return the model and
-    its results (test accuracy, parameters, forward NFE, training time, per-epoch history)."""
+def train_one(cfg: Config, dataset: Dataset, name: str | None = None) -> tuple[nnx.Module, dict]:
+    """Build and train `cfg.model` in `<out>/<name>/` (default `classify_<dataset>_<model>`);
+    return the model and its results (test accuracy, parameters, forward NFE, training time,
+    per-epoch history)."""
     from neuralode.train import read_metrics
 
     model = build_model(cfg, dataset)
-    name = f"classify_{cfg.dataset}_{cfg.model}"
+    name = name or f"classify_{cfg.dataset}_{cfg.model}"
     workdir = Path(cfg.out) / name
     last = train(model, dataset, train_config(cfg), workdir, resume=cfg.resume,
                  loss_fn=classification_loss)

@@ -135,8 +135,9 @@ class _Classifier(nnx.Module):
         raise NotImplementedError
 
     def forward(self, x) -> tuple[jax.Array, dict]:
-        """Logits and statistics: `nfe` (field evaluations of the forward pass, all stages) and,
-        for RNODE models in training mode, `kinetic`, `jacobian` and `regularisation`."""
+        """Logits and statistics: `nfe` (field evaluations of the forward pass, all stages), for
+        fixed-step models `nfe_backward` (those of backprop), for RNODE models in training mode
+        `kinetic`, `jacobian` and `regularisation`."""
         expected = self.spatial_dims + 2
         if x.ndim != expected or x.shape[-1] != self.in_channels:
             layout = "NWC" if self.spatial_dims == 1 else "NHWC"
@@ -187,7 +188,7 @@ class ResNet(_Classifier):
     def _stage(self, index, y):
         ts = jnp.array([0.0, self.blocks * self.step_size], y.dtype)
         sol = solve(self.stages[index], y, ts, solver=Euler(), substeps=self.blocks)
-        return sol.ys[-1], {"nfe": sol.stats["nfe"]}
+        return sol.ys[-1], {"nfe": sol.stats["nfe"], "nfe_backward": sol.stats["nfe_backward"]}
 
 
 class PlainNet(ResNet):
@@ -202,7 +203,8 @@ class PlainNet(ResNet):
             return nnx.merge(graphdef, layer)(k * self.step_size, y), None
 
         ks = jnp.arange(self.blocks, dtype=y.dtype)
-        return jax.lax.scan(block, y, (ks, stacked))[0], {"nfe": self.blocks}
+        stats = {"nfe": self.blocks, "nfe_backward": self.blocks}  # one vjp per block
+        return jax.lax.scan(block, y, (ks, stacked))[0], stats
 
 
 def _tied_fields(channels, kernel_size, spatial_dims, norm, activation, param_dtype, rngs):
@@ -234,7 +236,7 @@ class RKNet(_Classifier):
         ts = jnp.array([0.0, self.horizon], y.dtype)
         sol = solve(self.stages[index], y, ts, solver=RK4(), substeps=self.steps,
                     adjoint=DiscreteAdjoint())
-        return sol.ys[-1], {"nfe": sol.stats["nfe"]}
+        return sol.ys[-1], {"nfe": sol.stats["nfe"], "nfe_backward": sol.stats["nfe_backward"]}
 
 
 class RNODEDynamics(nnx.Module):

@@ -1,0 +1,197 @@
+"""Chen et al. 2018 (Neural ODEs), Table 1, on offline data: every model on digits and MNIST-1D.
+
+    python -m experiments.table [--quick] [--out DIR] [--resume]
+
+Rows: ResNet (Euler steps of a depth-varying field), PlainNet (no identity path), RK-Net (RK4
+steps of a weight-tied field, backprop), ODE-Net (adaptive Dopri5, continuous adjoint), ANODE
+(Dupont et al. 2019) and RNODE (ODE-Net with the kinetic + Jacobian regulariser of Finlay et al.
+2020). Columns: test error, parameters, compiled temporary memory of the gradient function
+(`jax.jit(grad).lower(...).compile().memory_analysis().temp_size_in_bytes`, one batch), forward
+and backward NFE, training time. Backward NFE of the adaptive models are counted, not modelled:
+every call of the field in one gradient evaluation fires a `jax.debug.callback`; the forward
+calls of the same loss are subtracted. Fixed-step models report `solve(...).stats`.
+
+Writes `DIR/table.json` ({dataset: {model: {test_acc, params, grad_memory_bytes, nfe_forward,
+nfe_backward, train_s}}}), `DIR/table.md`, and each run's workdir and curves under DIR.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from experiments.classify import Config as ClassifyConfig
+from experiments.classify import load, train_one
+from experiments.common import main, write_json
+from neuralode.models.classifiers import classification_loss
+
+MODELS = ("resnet", "plainnet", "rknet", "odenet", "anode", "rnode")
+ADAPTIVE = ("odenet", "anode", "rnode")
+LABELS = {"resnet": "ResNet", "plainnet": "PlainNet", "rknet": "RK-Net", "odenet": "ODE-Net",
+          "anode": "ANODE", "rnode": "RNODE"}
+
+
+@dataclasses.dataclass
+class Config:
+    out: str = "results"
+    quick: bool = False
+    resume: bool = False
+    datasets: tuple[str, ...] = ("digits", "mnist1d")
+    models: tuple[str, ...] = MODELS
+    channels: tuple[int, ...] = (16, 32)
+    blocks: int = 3
+    rk_steps: int = 1
+    rtol: float = 1e-3
+    atol: float = 1e-3
+    kinetic_weight: float = 1e-4  # rnode
+    jacobian_weight: float = 1e-4
+    epochs_digits: int = 25
+    epochs_mnist1d: int = 15
+    batch_size: int = 128
+    learning_rate: float = 3e-3
+    measure_batch: int = 128
+    seed: int = 0
+
+
+QUICK = {"channels": (8, 16), "blocks": 2, "epochs_digits": 4, "epochs_mnist1d": 3,
+         "rtol": 1e-2, "atol": 1e-2, "learning_rate": 1e-2, "batch_size": 64}
+
+
+class _Counter:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+
+
+class CountedField(nnx.Module):
+    """A field that reports every call to a host-side counter (`jax.debug.callback`)."""
+
+    def __init__(self, field: nnx.Module, counter: _Counter):
+        self.field, self.counter = field, counter
+
+    def __call__(self, t, y):
+        jax.debug.callback(self.counter)
+        return self.field(t, y)
+
+
+def _loss_of_params(model: nnx.Module):
+    """The training-mode loss as a function of the parameters (other state, e.g. RNG, fixed)."""
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    model.eval()
+
+    def loss(params, x, y):
+        return classification_loss(nnx.merge(graphdef, params, rest), x, y)[0]
+
+    return loss, params
+
+
+def grad_memory_bytes(model: nnx.Module, x, y) -> int:
+    """Compiled temporary memory of the training-mode gradient of the loss over one batch."""
+    loss, params = _loss_of_params(model)
+    compiled = jax.jit(jax.grad(loss)).lower(params, x, y).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def counted_nfe(model: nnx.Module, x, y) -> tuple[int, int]:
+    """(forward, backward) field calls of one training-mode loss and its gradient, counted."""
+    clone = nnx.clone(model)
+    counter = _Counter()
+    for index in range(len(clone.stages)):
+        clone.stages[index] = CountedField(clone.stages[index], counter)
+    loss, params = _loss_of_params(clone)
+    jax.block_until_ready(jax.jit(loss)(params, x, y))
+    forward, counter.calls = counter.calls, 0
+    jax.block_until_ready(jax.jit(jax.grad(loss))(params, x, y))
+    return forward, counter.calls - forward
+
+
+def classify_config(cfg: Config, dataset: str, model: str) -> ClassifyConfig:
+    epochs = {"digits": cfg.epochs_digits, "mnist1d": cfg.epochs_mnist1d}[dataset]
+    regulariser = model == "rnode"
+    return ClassifyConfig(
+        out=cfg.out, dataset=dataset, model="odenet" if regulariser else model,
+        channels=tuple(cfg.channels), blocks=cfg.blocks, rk_steps=cfg.rk_steps, rtol=cfg.rtol,
+        atol=cfg.atol, kinetic_weight=cfg.kinetic_weight if regulariser else 0.0,
+        jacobian_weight=cfg.jacobian_weight if regulariser else 0.0, epochs=epochs,
+        batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed,
+        stem_kernel_size=5 if dataset == "mnist1d" else 3, progress=False)
+
+
+def evaluate_row(cfg: Config, dataset_name: str, model_name: str, dataset) -> dict:
+    name = f"table_{dataset_name}_{model_name}"
+    ccfg = classify_config(cfg, dataset_name, model_name)
+    resume = cfg.resume and (Path(cfg.out) / name / "checkpoints").is_dir()
+    model, results = train_one(dataclasses.replace(ccfg, resume=resume), dataset, name)
+    x = jnp.asarray(dataset.x_test[:cfg.measure_batch])
+    y = jnp.asarray(dataset.y_test[:cfg.measure_batch])
+    if model_name in ADAPTIVE:
+        _, nfe_backward = counted_nfe(model, x, y)
+    else:
+        model.eval()
+        nfe_backward = int(nnx.jit(lambda m, x: m.forward(x)[1]["nfe_backward"])(model, x))
+    row = {"test_acc": results["test_acc"], "params": results["params"],
+           "grad_memory_bytes": grad_memory_bytes(model, x, y),
+           "nfe_forward": results["nfe_forward"], "nfe_backward": nfe_backward,
+           "train_s": results["train_s"]}
+    print(f"{dataset_name} {model_name}: {row}", flush=True)
+    return row
+
+
+def markdown(table: dict) -> str:
+    lines = ["Chen et al. 2018, Table 1 layout; test error on the held-out split, memory = compiled "
+             "temporaries of one gradient evaluation (one batch), NFE per forward / backward pass "
+             "(one batch), time = training wall-clock on this machine.", ""]
+    for dataset, rows in table.items():
+        lines += [f"### {dataset}", "",
+                  "| model | test error | # params | grad memory | NFE fwd | NFE bwd | train time |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for model, r in rows.items():
+            lines.append(f"| {LABELS[model]} | {100 * (1 - r['test_acc']):.2f} % | "
+                         f"{r['params'] / 1e3:.1f} K | {r['grad_memory_bytes'] / 2**20:.2f} MiB | "
+                         f"{r['nfe_forward']:.0f} | {r['nfe_backward']:.0f} | {r['train_s']:.0f} s |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def headline(table: dict) -> dict:
+    out = {}
+    for dataset, rows in table.items():
+        for model, r in rows.items():
+            out[f"{dataset}_{model}_test_acc"] = round(r["test_acc"], 4)
+        if "resnet" in rows and "odenet" in rows:
+            out[f"{dataset}_odenet_over_resnet_params"] = round(
+                rows["odenet"]["params"] / rows["resnet"]["params"], 3)
+            out[f"{dataset}_odenet_minus_resnet_acc_points"] = round(
+                100 * (rows["odenet"]["test_acc"] - rows["resnet"]["test_acc"]), 2)
+        if "odenet" in rows and "rnode" in rows:
+            out[f"{dataset}_nfe_odenet_over_rnode"] = round(
+                rows["odenet"]["nfe_forward"] / rows["rnode"]["nfe_forward"], 3)
+    return out
+
+
+def run(cfg: Config) -> dict:
+    unknown = sorted(set(cfg.models) - set(MODELS))
+    if unknown:
+        raise ValueError(f"models: unknown {unknown}, expected some of {MODELS}")
+    bad = sorted(set(cfg.datasets) - {"digits", "mnist1d"})
+    if bad:
+        raise ValueError(f"datasets: {bad} not supported, expected digits and/or mnist1d")
+    table = {}
+    for dataset_name in cfg.datasets:
+        dataset = load(ClassifyConfig(dataset=dataset_name))
+        table[dataset_name] = {}
+        for model_name in cfg.models:
+            table[dataset_name][model_name] = evaluate_row(cfg, dataset_name, model_name, dataset)
+            write_json(Path(cfg.out) / "table_partial.json", table)  # rows so far
+    (Path(cfg.out) / "table.md").write_text(markdown(table))
+    return {"headline": headline(table), **table}
+
+
+if __name__ == "__main__":
+    main(__name__, Config, run, QUICK)
