@@ -6,7 +6,7 @@ RK4 = RK-Net, Leapfrog = Hamiltonian net) or an adaptive one (a continuous-depth
 diffrax), and differentiates the integration with the chosen adjoint.
 """
 
-from neuralode import analysis, data, fields, train
+from neuralode import analysis, data, fields, models, multigrid, train
 from neuralode.adjoints import BacksolveAdjoint, CheckpointAdjoint, DiscreteAdjoint
 from neuralode.fields import ConvField, DepthStack, MLPField
 from neuralode.solve import Solution, backsolve_reconstruction_error, odeint, solve
@@ -15,5 +15,6 @@ from neuralode.solvers import RK4, Dopri5, Euler, Heun, Leapfrog, Midpoint, Tsit
 __all__ = [
     "BacksolveAdjoint", "CheckpointAdjoint", "ConvField", "DepthStack", "DiscreteAdjoint",
     "Dopri5", "Euler", "Heun", "Leapfrog", "MLPField", "Midpoint", "RK4", "Solution", "Tsit5",
-    "analysis", "backsolve_reconstruction_error", "data", "fields", "odeint", "solve", "train",
+    "analysis", "backsolve_reconstruction_error", "data", "fields", "models", "multigrid",
+    "odeint", "solve", "train",
 ]
