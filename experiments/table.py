@@ -79,22 +79,26 @@ class CountedField(nnx.Module):
         return self.field(t, y)
 
 
-def _loss_of_params(model: nnx.Module):
-    """The training-mode loss as a function of the parameters (other state, e.g. RNG, fixed)."""
+def _loss_and_grad(model: nnx.Module):
+    """The training-mode loss and its parameter gradient as pure functions of the model state
+    (`nnx.grad` inside, so the RNODE noise counter may advance in the trace)."""
     model.train()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, state = nnx.split(model)
     model.eval()
 
-    def loss(params, x, y):
-        return classification_loss(nnx.merge(graphdef, params, rest), x, y)[0]
+    def loss(state, x, y):
+        return classification_loss(nnx.merge(graphdef, state), x, y)[0]
 
-    return loss, params
+    def grad(state, x, y):
+        return nnx.grad(lambda m: classification_loss(m, x, y)[0])(nnx.merge(graphdef, state))
+
+    return loss, grad, state
 
 
 def grad_memory_bytes(model: nnx.Module, x, y) -> int:
     """Compiled temporary memory of the training-mode gradient of the loss over one batch."""
-    loss, params = _loss_of_params(model)
-    compiled = jax.jit(jax.grad(loss)).lower(params, x, y).compile()
+    _, grad, state = _loss_and_grad(model)
+    compiled = jax.jit(grad).lower(state, x, y).compile()
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
@@ -104,10 +108,10 @@ def counted_nfe(model: nnx.Module, x, y) -> tuple[int, int]:
     counter = _Counter()
     for index in range(len(clone.stages)):
         clone.stages[index] = CountedField(clone.stages[index], counter)
-    loss, params = _loss_of_params(clone)
-    jax.block_until_ready(jax.jit(loss)(params, x, y))
+    loss, grad, state = _loss_and_grad(clone)
+    jax.block_until_ready(jax.jit(loss)(state, x, y))
     forward, counter.calls = counter.calls, 0
-    jax.block_until_ready(jax.jit(jax.grad(loss))(params, x, y))
+    jax.block_until_ready(jax.jit(grad)(state, x, y))
     return forward, counter.calls - forward
 
 
