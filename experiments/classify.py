@@ -1,7 +1,8 @@
 """Train one classifier of `neuralode.models` on digits, MNIST-1D or local MNIST.
 
     python -m experiments.classify --dataset {digits,mnist1d,mnist} \\
-        --model {resnet,plainnet,rknet,odenet,anode} [--mnist-dir DIR] [--quick] [--out DIR] [--resume]
+        --model {resnet,plainnet,rknet,odenet,anode} [--mnist-dir DIR] [--quick] [--out DIR] \\
+        [--resume]
 
 Every model is the same stem / stages / transitions / head around one `ConvField`: Euler steps of a
 depth-varying stack (ResNet), the same without the identity (PlainNet), RK4 steps of a weight-tied

@@ -148,17 +148,17 @@ def evaluate_row(cfg: Config, dataset_name: str, model_name: str, dataset) -> di
 
 
 def markdown(table: dict) -> str:
-    lines = ["Chen et al. 2018, Table 1 layout; test error on the held-out split, memory = compiled "
-             "temporaries of one gradient evaluation (one batch), NFE per forward / backward pass "
-             "(one batch), time = training wall-clock on this machine.", ""]
+    lines = ["Chen et al. 2018, Table 1 layout; test error on the held-out split, memory = "
+             "compiled temporaries of one gradient evaluation (one batch), NFE per forward / "
+             "backward pass (one batch), time = training wall-clock on this machine.", ""]
     for dataset, rows in table.items():
-        lines += [f"### {dataset}", "",
-                  "| model | test error | # params | grad memory | NFE fwd | NFE bwd | train time |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"### {dataset}", "", "| model | test error | # params | grad memory | "
+                  "NFE fwd | NFE bwd | train time |", "|---|---:|---:|---:|---:|---:|---:|"]
         for model, r in rows.items():
             lines.append(f"| {LABELS[model]} | {100 * (1 - r['test_acc']):.2f} % | "
-                         f"{r['params'] / 1e3:.1f} K | {r['grad_memory_bytes'] / 2**20:.2f} MiB | "
-                         f"{r['nfe_forward']:.0f} | {r['nfe_backward']:.0f} | {r['train_s']:.0f} s |")
+                         f"{r['params'] / 1e3:.1f} K | {r['grad_memory_bytes'] / 2**20:.2f} MiB "
+                         f"| {r['nfe_forward']:.0f} | {r['nfe_backward']:.0f} | "
+                         f"{r['train_s']:.0f} s |")
         lines.append("")
     return "\n".join(lines)
 
