@@ -235,6 +235,7 @@ def ratio(table: dict, hi, lo) -> float:
 
 def run(cfg: Config) -> dict:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     solver = make_solver(cfg.solver)
     ts = jnp.array([0.0, 1.0], jnp.float32)
@@ -292,6 +293,7 @@ def run(cfg: Config) -> dict:
     axes[1].set(xscale="log", yscale="log", xlabel="step size h", ylabel="max |y0 - y0~|",
                 title="backsolve reconstruction error of y0")
     for ax in axes:
+        ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels overlap
         ax.legend(fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
     save_figure(cfg, fig, "adjoint_error")
