@@ -231,21 +231,22 @@ def _backsolve_bwd(func, solver, substeps, residuals, ys_cotangent):
                                                         *theta[2]), y, theta, layer)
         return (f_y,) + tuple(_tree_neg(g) for g in vjp(a))
 
-    def back_step(carry, xs):
-        y, a, grad_theta = carry
-        t_end, h, layer = xs
-        start = (y, a, _tree_zeros_like(theta), _tree_zeros_like(layer))
-        y, a, d_theta, d_layer = solver.step(lambda t, s, _: augmented(t, s, layer), t_end, start,
-                                             -h, None)
-        return (y, a, _tree_add(grad_theta, d_theta)), d_layer
-
     def back_interval(carry, xs):
         a, grad_theta = carry
         y_end, y_start_cotangent, t_start, h, interval_layers = xs
-        t_ends = t_start + (jnp.arange(substeps, dtype=ts.dtype) + 1) * h
-        (_, a, grad_theta), d_layers = lax.scan(
-            back_step, (y_end, a, grad_theta),
-            (t_ends, jnp.broadcast_to(h, (substeps,)), interval_layers), reverse=True)
+
+        def back_step(carry, layer):
+            # j counts down the substeps: this step goes back from t_start + j h. Carrying j instead
+            # of scanning an array of times keeps the backward memory independent of the steps.
+            y, a, grad_theta, j = carry
+            start = (y, a, _tree_zeros_like(theta), _tree_zeros_like(layer))
+            y, a, d_theta, d_layer = solver.step(lambda t, s, _: augmented(t, s, layer),
+                                                 t_start + j * h, start, -h, None)
+            return (y, a, _tree_add(grad_theta, d_theta), j - 1), d_layer
+
+        (_, a, grad_theta, _), d_layers = lax.scan(
+            back_step, (y_end, a, grad_theta, jnp.asarray(substeps, ts.dtype)), interval_layers,
+            length=substeps, reverse=True)
         return (_tree_add(a, y_start_cotangent), grad_theta), d_layers
 
     last = jax.tree.map(lambda c: c[-1], ys_cotangent)
