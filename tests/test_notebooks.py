@@ -28,6 +28,16 @@ def test_every_notebook_of_the_issue_is_present():
     assert EXPECTED <= {p.stem for p in NOTEBOOKS}, f"missing: {EXPECTED - {p.stem for p in NOTEBOOKS}}"
 
 
+def test_python3_kernel_runs_this_interpreter():
+    # A `python3` kernelspec earlier on the Jupyter path (e.g. a user-level one) could point elsewhere.
+    from jupyter_client.manager import KernelManager
+
+    command = KernelManager(kernel_name="python3").format_kernel_cmd()
+    assert os.path.realpath(command[0]) == os.path.realpath(sys.executable), (
+        f"the python3 kernel runs {command[0]}, not {sys.executable}; "
+        f"run `{sys.executable} -m ipykernel install --sys-prefix` or remove the other kernelspec")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_committed_without_outputs(path):
     nb = nbformat.read(path, as_version=4)
