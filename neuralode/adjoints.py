@@ -9,7 +9,9 @@
       d/dt [y, a, a_theta] = [f, -a^T df/dy, -a^T df/dtheta]
   backwards from t1 to t0 with the same solver. Constant memory in the number of steps, but the
   gradient is only an approximation of the discrete one (Gholami et al. 2019, ANODE), with an error
-  that shrinks at the solver's order, and the backwards solve of y can be unstable.
+  that shrinks at the solver's order for smooth fields; a ReLU field makes the adjoint equation's
+  right-hand side discontinuous and costs about one order (experiments/adjoint.py). The backwards
+  solve of y can also be unstable.
 
 For the adaptive solvers each adjoint names its diffrax counterpart.
 """

@@ -10,7 +10,7 @@ from flax import nnx
 
 import neuralode as no
 from neuralode.models import AugmentedODENet, ODENet, PlainNet, ResNet, RKNet
-from neuralode.models.classifiers import classification_loss, im2col_conv, rnode_solve
+from neuralode.models.classifiers import classification_loss, rnode_solve
 
 F64 = jnp.float64
 SMALL = dict(channels=(4, 6), param_dtype=F64)
@@ -41,16 +41,6 @@ def test_shapes_1d_and_2d(cls, options, spatial_dims):
         assert int(stats["nfe"]) == 2 * 2 * 4  # two stages, two RK4 steps of four stages
     else:  # Dopri5: 6 evaluations per step plus the first, per stage
         assert int(stats["nfe"]) >= 2 * 7 and (int(stats["nfe"]) - 2) % 6 == 0
-
-
-@pytest.mark.parametrize("shape, kernel", [((2, 9, 3), (3,)), ((2, 5, 6, 3), (3, 3)),
-                                           ((2, 7, 3), (4,))])
-def test_im2col_conv_equals_xla_convolution(shape, kernel):
-    conv = nnx.Conv(3, 5, kernel, padding="SAME", param_dtype=F64, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(5), shape, F64)
-    expected = conv(x)
-    conv.conv_general_dilated = im2col_conv
-    np.testing.assert_allclose(conv(x), expected, rtol=0, atol=1e-13)
 
 
 def relu_pool_head(model, y):

@@ -9,8 +9,7 @@ import sys
 
 import jax
 
-jax.config.update("jax_enable_x64", True)
-jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_enable_x64", True)  # as tests/conftest.py, so both runs compute alike
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

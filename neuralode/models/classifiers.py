@@ -30,7 +30,6 @@ the `loss_fn` for `neuralode.train.train` that adds the regulariser and logs the
 """
 from __future__ import annotations
 
-import itertools
 from typing import Callable, Sequence
 
 import jax
@@ -42,40 +41,6 @@ from neuralode.fields import ConvField, DepthStack
 from neuralode.solve import solve
 from neuralode.solvers import RK4, AbstractSolver, Dopri5, Euler
 from neuralode.train import classification_metrics
-
-
-def im2col_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
-                dimension_numbers=None, feature_group_count=1, precision=None, out_sharding=None,
-                preferred_element_type=None):
-    """A stride-1 channels-last convolution as one matrix product of the stacked shifted windows
-    (im2col), with the signature of `lax.conv_general_dilated` that `nnx.Conv` calls.
-
-    Same numbers as XLA's convolution; used for the fields because XLA:CPU runs the gradient
-    convolutions ~100x slower inside loops (`lax.scan`, diffrax's while loop) than outside, while
-    slices and matrix products keep their speed. The fix belongs in `ConvField` (see the report).
-    """
-    del dimension_numbers, out_sharding  # nnx.Conv passes channels-last numbers for our inputs
-    if (any(s != 1 for s in window_strides) or feature_group_count != 1
-            or any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))):
-        raise ValueError("im2col_conv supports stride 1, no dilation and one group, got strides "
-                         f"{window_strides}, groups {feature_group_count}")
-    kernel = rhs.shape[:-2]
-    if isinstance(padding, str):
-        if padding != "SAME":
-            raise ValueError(f"im2col_conv supports SAME padding, got {padding!r}")
-        padding = [((k - 1) // 2, k // 2) for k in kernel]
-    padded = jnp.pad(lhs, [(0, 0), *padding, (0, 0)])
-    out = [n + lo + hi - k + 1 for n, (lo, hi), k in zip(lhs.shape[1:-1], padding, kernel)]
-    windows = [padded[(slice(None), *(slice(o, o + n) for o, n in zip(offset, out)))]
-               for offset in itertools.product(*(range(k) for k in kernel))]
-    return jnp.dot(jnp.concatenate(windows, axis=-1), rhs.reshape(-1, rhs.shape[-1]),
-                   precision=precision, preferred_element_type=preferred_element_type)
-
-
-def _with_im2col(field: ConvField) -> ConvField:
-    field.conv1.conv_general_dilated = im2col_conv
-    field.conv2.conv_general_dilated = im2col_conv
-    return field
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -159,9 +124,9 @@ class _Classifier(nnx.Module):
 
 def _stacks(channels, blocks, kernel_size, spatial_dims, norm, activation, param_dtype, rngs):
     def make(width):
-        return lambda rngs: _with_im2col(ConvField(
-            width, kernel_size=kernel_size, spatial_dims=spatial_dims, norm=norm,
-            activation=activation, param_dtype=param_dtype, rngs=rngs))
+        return lambda rngs: ConvField(width, kernel_size=kernel_size, spatial_dims=spatial_dims,
+                                      norm=norm, activation=activation, param_dtype=param_dtype,
+                                      rngs=rngs)
 
     return nnx.List([DepthStack(make(c), blocks, rngs=rngs) for c in channels])
 
@@ -208,10 +173,9 @@ class PlainNet(ResNet):
 
 
 def _tied_fields(channels, kernel_size, spatial_dims, norm, activation, param_dtype, rngs):
-    return nnx.List([_with_im2col(ConvField(c, kernel_size=kernel_size, spatial_dims=spatial_dims,
-                                            time_dependent=True, norm=norm, activation=activation,
-                                            param_dtype=param_dtype, rngs=rngs))
-                     for c in channels])
+    return nnx.List([ConvField(c, kernel_size=kernel_size, spatial_dims=spatial_dims,
+                               time_dependent=True, norm=norm, activation=activation,
+                               param_dtype=param_dtype, rngs=rngs) for c in channels])
 
 
 class RKNet(_Classifier):
