@@ -25,6 +25,21 @@ def experiment_names() -> list[str]:
     return sorted(names, key=lambda n: (n.startswith("bench_"), n))
 
 
+def claims_table(rows: list[tuple[str, dict | None, float]]) -> list[str]:
+    """The README's claims table, from the `claims` lists of the experiments' JSONs."""
+    claims = [(name, c) for name, results, _ in rows for c in (results or {}).get("claims", [])]
+    if not claims:
+        return []
+    cell = lambda text: str(text).replace("|", "/").replace("\n", " ")  # noqa: E731
+    lines = ["## Claims of the source essays", "",
+             "| id | claim | source figure | our measurement | verdict | experiment |",
+             "|---|---|---|---|---|---|"]
+    for name, c in sorted(claims, key=lambda item: item[1]["id"]):
+        lines.append(f"| {cell(c['id'])} | {cell(c['claim'])} | {cell(c['source_figure'])} | "
+                     f"{cell(c['measured'])} | {cell(c['verdict'])} | `{name}` |")
+    return lines + [""]
+
+
 def report(rows: list[tuple[str, dict | None, float]]) -> str:
     lines = ["# neuralode experiment report", "",
              "Produced by `python -m experiments`; every number below is in `<name>.json`.", ""]
@@ -35,7 +50,7 @@ def report(rows: list[tuple[str, dict | None, float]]) -> str:
         for key, value in (results or {}).get("headline", {}).items():
             lines.append(f"- `{key}`: {value}")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + claims_table(rows))
 
 
 def main() -> None:
