@@ -68,7 +68,8 @@ def _check_ts(ts) -> jax.Array:
     return ts
 
 
-def _check_y0(y0, solver):
+def _check_y0(y0, ts, solver):
+    """y0 as arrays, after the static checks; returns (y0, ts) with the non-finite check attached."""
     leaves = jax.tree.leaves(y0)
     if not leaves:
         raise ValueError("y0 must contain at least one array")
@@ -80,7 +81,9 @@ def _check_y0(y0, solver):
                         f"{jax.tree.structure(y0)}")
     y0 = jax.tree.map(jnp.asarray, y0)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(y0)]))
-    return eqx.error_if(y0, ~finite, "y0 contains non-finite values (nan or inf)")
+    # The check rides on the small `ts`, which every solve uses: wrapping y0 itself put the error
+    # primitive on the state's path through the forward and backward passes (5 % of a ResNet step).
+    return y0, eqx.error_if(ts, ~finite, "y0 contains non-finite values (nan or inf)")
 
 
 def _check_field_output(dynamics: Dynamics, ts, y0, args):
@@ -119,7 +122,7 @@ def solve(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolver
                          "field(t, y) and carries its own parameters")
     adjoint.check_solver(solver)
     ts = _check_ts(ts)
-    y0 = _check_y0(y0, solver)
+    y0, ts = _check_y0(y0, ts, solver)
     dynamics = _dynamics(f, args)
     intervals = ts.shape[0] - 1
 
