@@ -12,6 +12,7 @@ Run times exclude compilation, block on results, and are medians of interleaved 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 
 import diffrax
 import jax
@@ -30,12 +31,13 @@ class Config:
     batch: int = 256
     depth: int = dataclasses.field(default=64, metadata={"help": "blocks L of the ResNet"})
     compile_depths: tuple[int, ...] = (10, 100, 1000)
+    compile_repeats: int = 5
     repeats: int = 15
     number: int = dataclasses.field(default=20, metadata={"help": "calls averaged per sample"})
     seed: int = 0
 
 
-QUICK = {"width": 64, "batch": 64, "depth": 32, "repeats": 5, "number": 10}
+QUICK = {"width": 64, "batch": 64, "depth": 32, "repeats": 5, "number": 10, "compile_repeats": 3}
 
 
 def resnet(cfg: Config, depth: int):
@@ -117,9 +119,11 @@ def run(cfg: Config) -> dict:
         print(f"vs_diffrax[{name}] = {vs_diffrax[name]:.3f}")
 
     compile_s = {}
-    for depth in cfg.compile_depths:
+    for depth in cfg.compile_depths:  # median of fresh compiles: one is too noisy at ~0.5 s
         stack_l = resnet(cfg, depth)
-        compile_s[depth] = time_compiled(odeint_loss(depth), stack_l, y0, repeats=1)["compile_s"]
+        compile_s[depth] = statistics.median(
+            time_compiled(odeint_loss(depth), stack_l, y0, repeats=1)["compile_s"]
+            for _ in range(cfg.compile_repeats))
         print(f"compile_s[{depth}] = {compile_s[depth]:.2f}")
     depths = sorted(compile_s)
     compile_ratio = compile_s[depths[-1]] / compile_s[depths[0]]
