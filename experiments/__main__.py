@@ -30,7 +30,7 @@ def claims_table(rows: list[tuple[str, dict | None, float]]) -> list[str]:
     claims = [(name, c) for name, results, _ in rows for c in (results or {}).get("claims", [])]
     if not claims:
         return []
-    cell = lambda text: str(text).replace("|", "/").replace("\n", " ")  # noqa: E731
+    cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = ["## Claims of the source essays", "",
              "| id | claim | source figure | our measurement | verdict | experiment |",
              "|---|---|---|---|---|---|"]
