@@ -267,24 +267,17 @@ def reconstruction_error(dynamics: Dynamics, solver: AbstractFixedStepSolver, ys
                          substeps: int):
     """Per interval, max |y(ts[i]) - y~(ts[i])| where y~ integrates y(ts[i+1]) backwards with the
     same solver and steps: the error `BacksolveAdjoint` makes in the y it linearises around."""
-    hs = (ts[1:] - ts[:-1]) / substeps
-    layers = _per_interval(dynamics.stacked, ts.shape[0] - 1, substeps)
+    # Each interval runs the ordinary loop on the reversed grid [ts[i+1], ts[i]] (negative steps),
+    # with its depth-varying layers in reverse order.
+    layers = jax.tree.map(lambda x: x[:, ::-1],
+                          _per_interval(dynamics.stacked, ts.shape[0] - 1, substeps))
 
-    def back_interval(_, xs):
-        y_end, y_start, t_start, h, interval_layers = xs
+    def back_interval(y_end, t_end, t_start, interval_layers):
+        back = Dynamics(dynamics.func, dynamics.tied, interval_layers)
+        y = fixed_step_loop(back, solver, y_end, jnp.stack([t_end, t_start]), args, substeps)
+        return jax.tree.map(lambda leaf: leaf[-1], y)
 
-        def back_step(y, xs):
-            t_end, layer = xs
-            field = lambda t, y, args: dynamics.func(t, y, args, dynamics.tied, layer)  # noqa: E731
-            return solver.step(field, t_end, y, -h, args), None
-
-        t_ends = t_start + (jnp.arange(substeps, dtype=ts.dtype) + 1) * h
-        y, _ = lax.scan(back_step, y_end, (t_ends, interval_layers), reverse=True)
-        error = jnp.max(jnp.stack([jnp.max(jnp.abs(a - b)) for a, b in
-                                   zip(jax.tree.leaves(y), jax.tree.leaves(y_start))]))
-        return None, error
-
-    _, errors = lax.scan(back_interval, None, (jax.tree.map(lambda y: y[1:], ys),
-                                               jax.tree.map(lambda y: y[:-1], ys), ts[:-1], hs,
-                                               layers))
-    return errors
+    starts = jax.vmap(back_interval)(jax.tree.map(lambda y: y[1:], ys), ts[1:], ts[:-1], layers)
+    errors = [jnp.max(jnp.abs(a - b), axis=tuple(range(1, a.ndim))) for a, b in
+              zip(jax.tree.leaves(starts), jax.tree.leaves(jax.tree.map(lambda y: y[:-1], ys)))]
+    return jnp.max(jnp.stack(errors), axis=0)
