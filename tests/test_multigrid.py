@@ -126,6 +126,38 @@ def test_restriction_is_scaled_adjoint_of_prolongation(ndim):
     np.testing.assert_allclose(mg.prolong(jnp.asarray(hat)), fine, atol=1e-15)
 
 
+@pytest.mark.parametrize("ndim", [1, 2])
+def test_transfers_equal_strided_and_transposed_convolutions(ndim):
+    """restrict/prolong are computed from slices and padding; they are the 'VALID' stride-2
+    convolution and its transpose (lhs-dilated convolution with the flipped stencil), any stencil."""
+    r, v, s = _random((15,) * ndim, 0), _random((7,) * ndim, 1), _random((3,) * ndim, 2)
+    conv = lambda x, k, **kw: jax.lax.conv_general_dilated(
+        x[None, None], jnp.asarray(k)[None, None], precision=jax.lax.Precision.HIGHEST, **kw)[0, 0]
+    np.testing.assert_allclose(mg.restrict(r, s), conv(r, s, window_strides=(2,) * ndim, padding="VALID"),
+                               rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(mg.prolong(v, s), conv(v, np.flip(s), window_strides=(1,) * ndim,
+                                                      padding=[(2, 2)] * ndim, lhs_dilation=(2,) * ndim),
+                               rtol=1e-13, atol=1e-14)
+    assert mg.restrict(r.astype(jnp.float32)).dtype == mg.prolong(v.astype(jnp.float32)).dtype == jnp.float32
+
+
+def test_mixed_precision_cycles_reach_float64_residuals_at_the_float64_rate():
+    """Float32 cycles inside the float64 defect correction: the float64 residual falls to 1e-10
+    (far below float32 rounding) in the same number of cycles as float64 cycles, because each
+    cycle only has to reduce the current residual by ~0.1, not to float64 accuracy."""
+    for op in (mg.Poisson(128), mg.diffusion(_lognormal(64))):
+        f = _random(op.shape, 3)
+        exact = jax.jit(lambda f: mg.solve(op, f, rtol=1e-10))(f)
+        mixed = jax.jit(lambda f: mg.solve(op, f, rtol=1e-10, cycle_dtype=jnp.float32))(f)
+        assert bool(mixed.converged) and mixed.u.dtype == jnp.float64
+        assert int(mixed.cycles) == int(exact.cycles)
+        assert float(jnp.linalg.norm(f - op(mixed.u)) / jnp.linalg.norm(f)) <= 1e-10
+        k = int(exact.cycles)  # per-cycle factors agree to float32 rounding of each cycle's work
+        np.testing.assert_allclose(mixed.residuals[:k + 1], exact.residuals[:k + 1], rtol=1e-4)
+    with pytest.raises(TypeError, match="cycle_dtype"):
+        mg.solve(mg.Poisson(8), jnp.ones((7, 7)), cycle_dtype=jnp.int32)
+
+
 @pytest.mark.parametrize("make", [lambda: mg.Poisson(16, 1), lambda: mg.Poisson(16, 2),
                                   lambda: jax.jit(mg.diffusion)(_lognormal(16)),
                                   lambda: jax.jit(lambda a: mg.diffusion(a).coarsen())(_lognormal(16)),
