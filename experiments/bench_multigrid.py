@@ -3,7 +3,10 @@ solve on 2-D Poisson, O(N) scaling, and how close a smoothing sweep runs to memo
 
 All sides solve -Laplace u = f (5-point, Dirichlet) with (n-1)^2 unknowns to ||f - A u|| <= rtol ||f||
 in float64. Ours: V(2,1) red-black Gauss-Seidel cycles from u = 0 (compile time excluded and
-reported). pyamg: `ruge_stuben_solver(A)` setup + `solve(b, tol=rtol)` (its default V-cycle, no Krylov
+reported) as float64 defect correction, each cycle run in `--cycle-dtype` (float32 by default:
+mixed precision, half the bytes per sweep; the float64 residual still reaches rtol, checked against
+scipy's matrix). Pure float64 cycles are timed beside it in the same run and reported too.
+pyamg: `ruge_stuben_solver(A)` setup + `solve(b, tol=rtol)` (its default V-cycle, no Krylov
 acceleration), timed together as the issue asks. scipy: `spsolve` (SuperLU). Timings are medians over
 repeats run in alternation, so machine load hits both alike. pyamg and scipy are dev-only
 dependencies and are imported here only.
@@ -33,6 +36,8 @@ class Config:
     repeats: int = 5
     spsolve_max_n: int = 1024
     bandwidth_n: int = 2048
+    cycle_dtype: str = dataclasses.field(default="float32", metadata={
+        "choices": ("float32", "float64"), "help": "dtype of the cycles inside the float64 correction"})
 
 
 QUICK = {"n": 256, "sizes": (64, 128, 256, 512), "repeats": 3}
@@ -47,9 +52,9 @@ def _poisson_matrix(n: int):
     return ((sp.kron(t, eye) + sp.kron(eye, t)) * float(n**2)).tocsr()  # row-major (i, j) -> i m + j
 
 
-def _ours(n: int, rtol: float):
+def _ours(n: int, rtol: float, cycle_dtype: str):
     op = mg.Poisson(n)
-    return jax.jit(lambda f: mg.solve(op, f, rtol=rtol, max_cycles=30))
+    return jax.jit(lambda f: mg.solve(op, f, rtol=rtol, max_cycles=30, cycle_dtype=cycle_dtype))
 
 
 def _interleaved(calls: dict, repeats: int) -> dict:
@@ -70,21 +75,25 @@ def head_to_head(cfg: Config) -> dict:
     n = cfg.n
     f = np.random.default_rng(0).standard_normal((n - 1, n - 1))
     A, b = _poisson_matrix(n), f.ravel()
-    ours = _ours(n, cfg.rtol)
-    compiled = ours.lower(jnp.asarray(f)).compile()
     fj = jnp.asarray(f)
+    compiled = _ours(n, cfg.rtol, cfg.cycle_dtype).lower(fj).compile()
+    compiled_f64 = _ours(n, cfg.rtol, "float64").lower(fj).compile()
     sol = jax.block_until_ready(compiled(fj))
 
     def amg():
         ml = pyamg.ruge_stuben_solver(A)
         return ml.solve(b, tol=cfg.rtol, maxiter=100)
 
-    times = _interleaved({"ours": lambda: jax.block_until_ready(compiled(fj)), "pyamg": amg}, cfg.repeats)
+    times = _interleaved({"ours": lambda: jax.block_until_ready(compiled(fj)),
+                          "ours_float64": lambda: jax.block_until_ready(compiled_f64(fj)), "pyamg": amg},
+                         cfg.repeats)
     x_amg = amg()
     rel = lambda x: float(np.linalg.norm(b - A @ x) / np.linalg.norm(b))
-    out = {"unknowns": (n - 1) ** 2, "ours_s": times["ours"]["run_s"], "pyamg_s": times["pyamg"]["run_s"],
+    out = {"unknowns": (n - 1) ** 2, "cycle_dtype": cfg.cycle_dtype, "ours_s": times["ours"]["run_s"],
+           "ours_float64_s": times["ours_float64"]["run_s"], "pyamg_s": times["pyamg"]["run_s"],
            "ours_cycles": int(sol.cycles), "ours_rel_residual": rel(np.asarray(sol.u).ravel()),
            "pyamg_rel_residual": rel(x_amg), "vs_pyamg": times["ours"]["run_s"] / times["pyamg"]["run_s"],
+           "vs_pyamg_float64": times["ours_float64"]["run_s"] / times["pyamg"]["run_s"],
            "runs": times}
     if n <= cfg.spsolve_max_n:
         start = time.perf_counter()
@@ -96,19 +105,29 @@ def head_to_head(cfg: Config) -> dict:
 
 
 def scaling(cfg: Config) -> dict:
-    """Solve time per unknown for every size, the sizes timed in alternation."""
+    """Solve time per unknown for every size, with the configured and with float64 cycles, all
+    timed in alternation."""
     solvers, args = {}, {}
+    dtypes = dict.fromkeys((cfg.cycle_dtype, "float64"))
     for n in cfg.sizes:
-        solvers[n] = _ours(n, cfg.rtol)
-        args[n] = (jnp.asarray(np.random.default_rng(n).standard_normal((n - 1, n - 1))),)
-    times = time_interleaved(solvers, args, repeats=cfg.repeats)
-    rows = {}
-    for n in cfg.sizes:
-        cycles = int(solvers[n](*args[n]).cycles)
-        rows[n] = {"run_s": times[n]["run_s"], "compile_s": times[n]["compile_s"], "cycles": cycles,
-                   "time_per_unknown_s": times[n]["run_s"] / (n - 1) ** 2}
-    per = [r["time_per_unknown_s"] for r in rows.values()]
-    return {"sizes": rows, "linearity": max(per) / min(per), "linearity_goal": 1.5}
+        f = jnp.asarray(np.random.default_rng(n).standard_normal((n - 1, n - 1)))
+        for dtype in dtypes:
+            solvers[n, dtype], args[n, dtype] = _ours(n, cfg.rtol, dtype), (f,)
+    largest = max(cfg.sizes)
+    number = {(n, d): min(16, max(1, (largest // n) ** 2)) for n, d in solvers}  # ~equal time per sample
+    times = time_interleaved(solvers, args, repeats=cfg.repeats, number=number, warmup=True)
+    out = {}
+    for dtype in dtypes:
+        rows = {}
+        for n in cfg.sizes:
+            t = times[n, dtype]
+            rows[n] = {"run_s": t["run_s"], "compile_s": t["compile_s"],
+                       "cycles": int(solvers[n, dtype](*args[n, dtype]).cycles),
+                       "time_per_unknown_s": t["run_s"] / (n - 1) ** 2}
+        per = [r["time_per_unknown_s"] for r in rows.values()]
+        out[dtype] = {"sizes": rows, "linearity": max(per) / min(per)}
+    return {**out[cfg.cycle_dtype], "linearity_goal": 1.5, "cycle_dtype": cfg.cycle_dtype,
+            "float64": out["float64"]}
 
 
 def bandwidth(cfg: Config) -> dict:
@@ -139,11 +158,13 @@ def run(cfg: Config) -> dict:
     h2h = head_to_head(cfg)
     scale = scaling(cfg)
     bw = bandwidth(cfg)
-    print(f"n={cfg.n}: ours {h2h['ours_s']:.3f} s ({h2h['ours_cycles']} cycles), pyamg {h2h['pyamg_s']:.3f} s, "
+    print(f"n={cfg.n}: ours {h2h['ours_s']:.3f} s ({h2h['ours_cycles']} cycles, {cfg.cycle_dtype} cycles; "
+          f"float64 cycles {h2h['ours_float64_s']:.3f} s), pyamg {h2h['pyamg_s']:.3f} s, "
           f"vs_pyamg = {h2h['vs_pyamg']:.3f}" + (f", spsolve {h2h['spsolve_s']:.2f} s, vs_spsolve = "
                                                  f"{h2h['vs_spsolve']:.4f}" if "spsolve_s" in h2h else ""))
     print("time per unknown (ns):", {n: round(r["time_per_unknown_s"] * 1e9, 2) for n, r in scale["sizes"].items()},
-          f"linearity = {scale['linearity']:.2f}; cycles:", {n: r["cycles"] for n, r in scale["sizes"].items()})
+          f"linearity = {scale['linearity']:.2f} (float64 cycles: {scale['float64']['linearity']:.2f}); cycles:",
+          {n: r["cycles"] for n, r in scale["sizes"].items()})
     print(f"copy {bw['copy_GBps']:.2f} GB/s; sweep bandwidth fraction: jacobi {bw['jacobi']['bandwidth_fraction']:.2f},"
           f" red-black GS {bw['gauss_seidel']['bandwidth_fraction']:.2f}")
 
@@ -151,7 +172,9 @@ def run(cfg: Config) -> dict:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ns = list(scale["sizes"])
-    ax.plot([(n - 1) ** 2 for n in ns], [scale["sizes"][n]["time_per_unknown_s"] * 1e9 for n in ns], marker="o")
+    for label, rows in ((f"{cfg.cycle_dtype} cycles", scale["sizes"]), ("float64 cycles", scale["float64"]["sizes"])):
+        ax.plot([(n - 1) ** 2 for n in ns], [rows[n]["time_per_unknown_s"] * 1e9 for n in ns], marker="o", label=label)
+    ax.legend()
     ax.set(xscale="log", xlabel="unknowns", ylabel="ns per unknown", ylim=(0, None),
            title=f"V(2,1) to rtol {cfg.rtol:g}: linearity {scale['linearity']:.2f}")
     save_figure(cfg, fig, "bench_multigrid_scaling")

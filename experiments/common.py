@@ -151,8 +151,14 @@ def time_compiled(fn: Callable, *args, repeats: int = 5, number: int = 1) -> dic
 
 
 def time_interleaved(fns: dict[str, Callable], args: dict[str, tuple], repeats: int = 7,
-                     number: int = 1) -> dict[str, dict]:
-    """Time several compiled functions in alternation, so drift in machine load hits all alike."""
+                     number: int | dict = 1, warmup: bool = False) -> dict[str, dict]:
+    """Time several compiled functions in alternation, so drift in machine load hits all alike.
+
+    `number` calls per sample (one count for all, or a dict per key, so that short functions can
+    be averaged over many calls); with `warmup` each sample is preceded by one untimed call, so a
+    small function does not pay for what the large one before it left behind (freed buffers,
+    evicted caches).
+    """
     import jax
 
     compiled, compile_s = {}, {}
@@ -161,13 +167,16 @@ def time_interleaved(fns: dict[str, Callable], args: dict[str, tuple], repeats: 
         compiled[key] = fn.lower(*args[key]).compile()
         compile_s[key] = time.perf_counter() - start
         jax.block_until_ready(compiled[key](*args[key]))
+    counts = number if isinstance(number, dict) else dict.fromkeys(fns, number)
     runs = {key: [] for key in fns}
     for _ in range(repeats):
         for key in fns:
+            if warmup:
+                jax.block_until_ready(compiled[key](*args[key]))
             start = time.perf_counter()
-            for _ in range(number):
+            for _ in range(counts[key]):
                 out = compiled[key](*args[key])
             jax.block_until_ready(out)
-            runs[key].append((time.perf_counter() - start) / number)
+            runs[key].append((time.perf_counter() - start) / counts[key])
     return {key: {"compile_s": compile_s[key], "run_s": statistics.median(runs[key]),
                   "runs_s": runs[key]} for key in fns}
