@@ -248,6 +248,31 @@ def batches(
         yield x[index], y[index]
 
 
+def random_shift(x: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Translate each example of a channels-last batch by its own random integer offset in
+    [-max_shift, max_shift] along every spatial axis, filling with zeros (the usual shift
+    augmentation for small images and signals). `x` is `(N, *spatial, C)`; offsets come from `rng`.
+    """
+    if not isinstance(max_shift, (int, np.integer)) or max_shift < 0:
+        raise ValueError(f"max_shift: expected an integer >= 0, found {max_shift!r}")
+    if x.ndim < 3:
+        raise ValueError(f"x: expected a channels-last batch (N, *spatial, C), found shape {x.shape}")
+    if max_shift == 0:
+        return x
+    out = x
+    for axis in range(1, x.ndim - 1):
+        size = x.shape[axis]
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (max_shift, max_shift)
+        padded = np.pad(out, pad)
+        offsets = rng.integers(0, 2 * max_shift + 1, size=len(x))  # window start in the padded axis
+        index = offsets[:, None] + np.arange(size)[None, :]
+        shape = [len(x)] + [1] * (x.ndim - 1)
+        shape[axis] = size
+        out = np.take_along_axis(padded, index.reshape(shape), axis=axis)
+    return out
+
+
 def num_batches(num_examples: int, batch_size: int) -> int:
     """The number of batches `batches` yields for `num_examples` examples."""
     return -(-num_examples // batch_size)

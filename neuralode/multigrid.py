@@ -17,7 +17,6 @@ Coarse operators are rediscretised (constant Poisson) or Galerkin products A_c =
 from __future__ import annotations
 
 import itertools
-import math
 from typing import Callable, NamedTuple
 
 import equinox as eqx

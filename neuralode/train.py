@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from neuralode.data import Dataset, batches, num_batches, validate_dataset
+from neuralode.data import Dataset, batches, num_batches, random_shift, validate_dataset
 
 LossFn = Callable[[nnx.Module, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -55,6 +55,9 @@ class TrainConfig:
     `schedule` is "constant" or "cosine" (decay to 0 over the run), after `warmup_steps` of linear
     warm-up from 0. `optimizer` is "adamw" (decoupled `weight_decay`) or "sgd" (Nesterov momentum
     0.9, `weight_decay` added to the gradient). `grad_clip_norm` clips the global gradient norm.
+    `augment_shift` > 0 translates every training example by a random offset of up to that many
+    pixels (samples) per spatial axis, drawn from `np.random.default_rng([seed, epoch, batch])` so
+    that a resumed run sees the same batches.
     """
 
     epochs: int = 10
@@ -65,6 +68,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     weight_decay: float = 1e-4
     grad_clip_norm: float | None = None
+    augment_shift: int = 0
     seed: int = 0
     eval_batch_size: int = 1000
     checkpoint_every: int = 100
@@ -77,8 +81,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TrainConfig.{name}: expected a positive integer, found {value!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"TrainConfig.warmup_steps: expected an integer >= 0, found {self.warmup_steps!r}")
+        for name in ("warmup_steps", "augment_shift"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"TrainConfig.{name}: expected an integer >= 0, found {value!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"TrainConfig.seed: expected an integer >= 0, found {self.seed!r}")
         if not self.learning_rate > 0:
@@ -351,6 +357,8 @@ def train(
             order = np.random.default_rng([config.seed, epoch])
             started = time.perf_counter()
             for x, y in batches(dataset.x_train, dataset.y_train, config.batch_size, order, start=progress["batch"]):
+                if config.augment_shift:
+                    x = random_shift(x, config.augment_shift, np.random.default_rng([config.seed, epoch, progress["batch"]]))
                 state, metrics = train_step(state, x.astype(dtype), y)
                 _accumulate(progress["sums"], jax.device_get(metrics), len(y))
                 progress["examples"] += len(y)

@@ -2,7 +2,6 @@
 import json
 import math
 
-import numpy as np
 import pytest
 
 from experiments import expressivity, gradient_flow, paths, scaled_residuals, stability, stages

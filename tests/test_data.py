@@ -54,6 +54,31 @@ def test_mnist1d_defaults_shapes_and_determinism():
     assert not np.array_equal(ds.x_train, other.x_train)
 
 
+def test_random_shift_translates_each_example_with_zero_fill():
+    x = np.arange(2 * 5 * 4, dtype=np.float32).reshape(2, 5, 4, 1) + 1
+    shifted = data.random_shift(x, 1, np.random.default_rng(0))
+    assert shifted.shape == x.shape and shifted.dtype == x.dtype
+    for original, moved in zip(x[..., 0], shifted[..., 0]):
+        # moved[i, j] = original[i + di, j + dj] with zeros outside, for one (di, dj) in [-1, 1]^2
+        matches = []
+        for di in (-1, 0, 1):
+            for dj in (-1, 0, 1):
+                expected = np.zeros_like(original)
+                src = original[max(di, 0):5 + min(di, 0), max(dj, 0):4 + min(dj, 0)]
+                expected[max(-di, 0):5 + min(-di, 0), max(-dj, 0):4 + min(-dj, 0)] = src
+                matches.append(np.array_equal(moved, expected))
+        assert sum(matches) == 1
+    np.testing.assert_array_equal(shifted, data.random_shift(x, 1, np.random.default_rng(0)))
+    # every offset in [-s, s] occurs, on sequences too (N, L, C)
+    seq = np.ones((400, 6, 1), np.float32)
+    zeros_at_ends = data.random_shift(seq, 2, np.random.default_rng(1))[..., 0]
+    lead = (zeros_at_ends[:, :2] == 0).sum(1) - (zeros_at_ends[:, -2:] == 0).sum(1)
+    assert set(lead) == {-2, -1, 0, 1, 2}
+    assert data.random_shift(x, 0, np.random.default_rng(0)) is x
+    with pytest.raises(ValueError, match="max_shift"):
+        data.random_shift(x, -1, np.random.default_rng(0))
+
+
 def test_batches_cover_every_example_once_and_are_deterministic():
     x = np.arange(10, dtype=np.float32)[:, None]
     y = np.arange(10, dtype=np.int32)

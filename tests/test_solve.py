@@ -1,7 +1,6 @@
 """odeint: the three paths agree, depth-varying fields are ResNets, adaptive solves are diffrax's,
 transformations work, statistics count real evaluations, and bad input fails with a clear error."""
 import diffrax
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np

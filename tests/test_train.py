@@ -1,7 +1,6 @@
 """Training: config checks, schedules, metrics, exact resume after SIGKILL, checkpoint fallback."""
 
 import dataclasses
-import json
 import os
 import shutil
 import signal
@@ -64,6 +63,7 @@ def test_config_rejects_bad_values_by_name():
         ("optimizer", "lamb", "TrainConfig.optimizer: unknown 'lamb'"),
         ("weight_decay", -0.1, "TrainConfig.weight_decay: expected >= 0"),
         ("warmup_steps", -1, "TrainConfig.warmup_steps: expected an integer >= 0"),
+        ("augment_shift", -1, "TrainConfig.augment_shift: expected an integer >= 0, found -1"),
         ("checkpoint_every", 0, "TrainConfig.checkpoint_every: expected a positive integer"),
         ("grad_clip_norm", 0.0, "TrainConfig.grad_clip_norm: expected None or > 0"),
     ]:
@@ -121,6 +121,26 @@ def test_sigkill_after_checkpoint_then_resume_is_bitwise_equal(reference, tmp_pa
     with np.load(tmp_path / "final_params.npz") as resumed:
         assert_params_bitwise_equal(dict(resumed), ref_params)
     assert without_timings(read_metrics(tmp_path)) == without_timings(read_metrics(ref_workdir))
+
+
+def test_resume_mid_epoch_with_shift_augmentation_is_bitwise_equal(reference, tmp_path):
+    """The random shifts of a batch are drawn from (seed, epoch, batch), so a run resumed from a
+    mid-epoch checkpoint sees the same augmented batches as the run that was never stopped."""
+    config = dataclasses.replace(train_script.CONFIG, augment_shift=1, epochs=2, checkpoint_every=3,
+                                 keep_checkpoints=100)
+    whole = train_script.run(str(tmp_path / "whole"), config=config)
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "whole" / "checkpoints", stopped / "checkpoints",
+                    ignore=lambda _, names: [n for n in names if n.isdigit() and int(n) > 13])
+    assert sorted(int(n) for n in os.listdir(stopped / "checkpoints") if n.isdigit())[-1] == 12
+    lines = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (stopped / "metrics.jsonl").write_text(lines[0])  # epoch 1 only: stopped in epoch 2
+    resumed = train_script.run(str(stopped), resume=True, config=config)
+    assert_params_bitwise_equal(train_script.flat_params(resumed), train_script.flat_params(whole))
+    assert without_timings(read_metrics(stopped)) == without_timings(read_metrics(tmp_path / "whole"))
+    plain = train_script.run(str(tmp_path / "plain"), config=dataclasses.replace(config, augment_shift=0))
+    assert not np.array_equal(*(train_script.flat_params(m)["['out']['kernel'].value"]
+                                for m in (plain, whole)))
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path):
