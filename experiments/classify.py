@@ -50,7 +50,7 @@ class Config:
     blocks: int = 3  # residual blocks per stage (resnet, plainnet)
     rk_steps: int = 1  # RK4 steps per stage (rknet)
     stem_kernel_size: int = 3
-    norm: bool = False
+    norm: bool = True  # GroupNorm in the fields
     solver: str = _choice("dopri5", tuple(SOLVERS), "adaptive solver (odenet, anode)")
     adjoint: str = _choice("backsolve", tuple(ADJOINTS), "gradient of the ODE solve")
     rtol: float = 1e-3
@@ -62,6 +62,7 @@ class Config:
     batch_size: int = 128
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
+    augment_shift: int = 1  # random translations of up to this many pixels (samples) in training
     seed: int = 0
     progress: bool = True
 
@@ -113,7 +114,7 @@ def load(cfg: Config) -> Dataset:
 def train_config(cfg: Config) -> TrainConfig:
     return TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size,
                        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                       seed=cfg.seed, progress=cfg.progress)
+                       augment_shift=cfg.augment_shift, seed=cfg.seed, progress=cfg.progress)
 
 
 def plot_history(cfg: Config, history: list[dict], name: str) -> Path:

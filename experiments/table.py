@@ -11,8 +11,13 @@ and backward NFE, training time. Backward NFE of the adaptive models are counted
 every call of the field in one gradient evaluation fires a `jax.debug.callback`; the forward
 calls of the same loss are subtracted. Fixed-step models report `solve(...).stats`.
 
+Memory against depth (the O(L) vs O(1) column of Table 1): the same gradient memory for untrained
+models on the first dataset, ResNet with 1..16 blocks per stage, RK-Net with 1..16 RK4 steps and
+ODE-Net (continuous adjoint) with rtol tightened from 1e-1 to 1e-6, against forward NFE.
+
 Writes `DIR/table.json` ({dataset: {model: {test_acc, params, grad_memory_bytes, nfe_forward,
-nfe_backward, train_s}}}), `DIR/table.md`, and each run's workdir and curves under DIR.
+nfe_backward, train_s}}, "memory_vs_depth": {model: [rows]}}), `DIR/table.md`,
+`DIR/table_memory.png`, and each run's workdir and curves under DIR.
 """
 from __future__ import annotations
 
@@ -24,8 +29,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from experiments.classify import Config as ClassifyConfig
-from experiments.classify import load, train_one
-from experiments.common import main, write_json
+from experiments.classify import build_model, forward_nfe, load, train_one
+from experiments.common import main, save_figure, write_json
 from neuralode.models.classifiers import classification_loss
 
 MODELS = ("resnet", "plainnet", "rknet", "odenet", "anode", "rnode")
@@ -41,22 +46,26 @@ class Config:
     resume: bool = False
     datasets: tuple[str, ...] = ("digits", "mnist1d")
     models: tuple[str, ...] = MODELS
-    channels: tuple[int, ...] = (16, 32)
+    channels: tuple[int, ...] = (32, 64)
     blocks: int = 3
+    norm: bool = True  # GroupNorm in the fields (as Chen et al.'s ODE-Net)
+    augment_shift: int = 1  # random shifts of up to one pixel (sample) in training
     rk_steps: int = 1
     rtol: float = 1e-3
     atol: float = 1e-3
-    kinetic_weight: float = 1e-4  # rnode
-    jacobian_weight: float = 1e-4
-    epochs_digits: int = 25
-    epochs_mnist1d: int = 15
+    kinetic_weight: float = 0.01  # rnode (Finlay et al. 2020 use 0.01 for both on MNIST)
+    jacobian_weight: float = 0.01
+    epochs_digits: int = 30
+    epochs_mnist1d: int = 20
     batch_size: int = 128
     learning_rate: float = 3e-3
     measure_batch: int = 128
+    depths: tuple[int, ...] = (1, 2, 4, 8, 16)  # memory vs depth: blocks (ResNet), RK4 steps
+    memory_rtols: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)  # ... and ODE-Net rtol
     seed: int = 0
 
 
-QUICK = {"channels": (8, 16), "blocks": 2, "epochs_digits": 4, "epochs_mnist1d": 3,
+QUICK = {"depths": (1, 4), "memory_rtols": (1e-1, 1e-4), "channels": (8, 16), "blocks": 2, "epochs_digits": 4, "epochs_mnist1d": 3,
          "rtol": 1e-2, "atol": 1e-2, "learning_rate": 1e-2, "batch_size": 64}
 
 
@@ -120,7 +129,8 @@ def classify_config(cfg: Config, dataset: str, model: str) -> ClassifyConfig:
     regulariser = model == "rnode"
     return ClassifyConfig(
         out=cfg.out, dataset=dataset, model="odenet" if regulariser else model,
-        channels=tuple(cfg.channels), blocks=cfg.blocks, rk_steps=cfg.rk_steps, rtol=cfg.rtol,
+        channels=tuple(cfg.channels), blocks=cfg.blocks, rk_steps=cfg.rk_steps, norm=cfg.norm,
+        augment_shift=cfg.augment_shift, rtol=cfg.rtol,
         atol=cfg.atol, kinetic_weight=cfg.kinetic_weight if regulariser else 0.0,
         jacobian_weight=cfg.jacobian_weight if regulariser else 0.0, epochs=epochs,
         batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed,
@@ -147,6 +157,46 @@ def evaluate_row(cfg: Config, dataset_name: str, model_name: str, dataset) -> di
     return row
 
 
+def memory_vs_depth(cfg: Config, dataset_name: str, dataset,
+                    models: tuple[str, ...] = ("resnet", "rknet", "odenet")) -> dict:
+    """Gradient memory and forward NFE of untrained `models` as their depth grows (memory depends
+    on the shapes and the solver, not on the weights)."""
+    x = jnp.asarray(dataset.x_test[:cfg.measure_batch])
+    y = jnp.asarray(dataset.y_test[:cfg.measure_batch])
+    base = classify_config(cfg, dataset_name, "resnet")
+    rows = {name: [] for name in models}
+    for depth in cfg.depths:
+        for name, options in (("resnet", {"blocks": depth}), ("rknet", {"rk_steps": depth})):
+            if name not in models:
+                continue
+            model = build_model(dataclasses.replace(base, model=name, **options), dataset)
+            rows[name].append({"depth": depth, "nfe_forward": int(forward_nfe(model, x)),
+                               "grad_memory_bytes": grad_memory_bytes(model, x, y)})
+    for rtol in cfg.memory_rtols if "odenet" in models else ():
+        model = build_model(dataclasses.replace(base, model="odenet", rtol=rtol, atol=rtol), dataset)
+        rows["odenet"].append({"rtol": rtol, "nfe_forward": int(forward_nfe(model, x)),
+                               "grad_memory_bytes": grad_memory_bytes(model, x, y)})
+    growth = {name: r[-1]["grad_memory_bytes"] / r[0]["grad_memory_bytes"] for name, r in rows.items()}
+    nfe_growth = {name: r[-1]["nfe_forward"] / r[0]["nfe_forward"] for name, r in rows.items()}
+    print(f"memory vs depth ({dataset_name}): memory grows x{growth} while NFE grows x{nfe_growth}",
+          flush=True)
+    return {"dataset": dataset_name, "rows": rows, "memory_growth": growth, "nfe_growth": nfe_growth}
+
+
+def plot_memory(cfg: Config, memory: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, rows in memory["rows"].items():
+        ax.plot([r["nfe_forward"] for r in rows], [r["grad_memory_bytes"] / 2**20 for r in rows],
+                marker="o", label=LABELS[name] + (" (rtol)" if name == "odenet" else " (depth)"))
+    ax.set(xscale="log", yscale="log", xlabel="field evaluations per forward pass",
+           ylabel="gradient memory (MiB)", title=f"memory vs depth on {memory['dataset']}")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    save_figure(cfg, fig, "table_memory")
+
+
 def markdown(table: dict) -> str:
     lines = ["Chen et al. 2018, Table 1 layout; test error on the held-out split, memory = "
              "compiled temporaries of one gradient evaluation (one batch), NFE per forward / "
@@ -161,6 +211,17 @@ def markdown(table: dict) -> str:
                          f"{r['train_s']:.0f} s |")
         lines.append("")
     return "\n".join(lines)
+
+
+def memory_markdown(memory: dict) -> str:
+    lines = [f"### gradient memory vs depth ({memory['dataset']}, untrained models)", "",
+             "| model | depth / rtol | NFE fwd | grad memory |", "|---|---:|---:|---:|"]
+    for name, rows in memory["rows"].items():
+        for r in rows:
+            setting = f"rtol {r['rtol']:g}" if "rtol" in r else str(r["depth"])
+            lines.append(f"| {LABELS[name]} | {setting} | {r['nfe_forward']} | "
+                         f"{r['grad_memory_bytes'] / 2**20:.2f} MiB |")
+    return "\n".join(lines + [""])
 
 
 def headline(table: dict) -> dict:
@@ -193,8 +254,12 @@ def run(cfg: Config) -> dict:
         for model_name in cfg.models:
             table[dataset_name][model_name] = evaluate_row(cfg, dataset_name, model_name, dataset)
             write_json(Path(cfg.out) / "table_partial.json", table)  # rows so far
-    (Path(cfg.out) / "table.md").write_text(markdown(table))
-    return {"headline": headline(table), **table}
+    memory = memory_vs_depth(cfg, cfg.datasets[0], load(ClassifyConfig(dataset=cfg.datasets[0])))
+    plot_memory(cfg, memory)
+    (Path(cfg.out) / "table.md").write_text(markdown(table) + memory_markdown(memory))
+    summary = headline(table)
+    summary.update({f"memory_growth_{name}": round(g, 2) for name, g in memory["memory_growth"].items()})
+    return {"headline": summary, **table, "memory_vs_depth": memory}
 
 
 if __name__ == "__main__":
