@@ -152,14 +152,8 @@ def histories(cfg: Config, model: MultigridUNet):
     return out
 
 
-def _hf_fraction(x):
-    """Share of energy in sine modes with max(kx, ky) > (n-1)/2, i.e. above half the Nyquist frequency."""
-    from scipy.fft import dstn
-
-    c = dstn(np.asarray(x), type=1) ** 2
-    k = np.arange(1, x.shape[0] + 1)
-    high = np.maximum(k[:, None], k[None, :]) > x.shape[0] / 2
-    return float(c[high].sum() / c.sum())
+def _hf_fraction(x) -> float:
+    return float(mg.high_frequency_share(x))
 
 
 def spectrum(cfg: Config):

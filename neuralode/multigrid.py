@@ -389,6 +389,24 @@ def residual_history(step: Callable, op, f, u0, num_steps: int):
     return jnp.concatenate([res(u0)[None], hist])
 
 
+def sine_coefficients(x):
+    """Coefficients of a grid function in the discrete sine modes sin(pi k i / n), k = 1..n-1 per
+    axis (a DST-I as a matrix product; the modes are the eigenvectors of the constant-coefficient
+    operators, k = n/2 is half the Nyquist frequency)."""
+    k = np.arange(1, x.shape[0] + 1)
+    s = jnp.asarray(np.sin(np.pi * np.outer(k, k) / (x.shape[0] + 1)), x.dtype)
+    return s @ x if x.ndim == 1 else s @ x @ s.T
+
+
+def high_frequency_share(x):
+    """Share of the energy of x in sine modes above half the Nyquist frequency, max_axis k > n/2:
+    what the smoother damps and coarse grids cannot represent (claim A5)."""
+    energy = sine_coefficients(x) ** 2
+    k = np.arange(1, x.shape[0] + 1)
+    top = k if x.ndim == 1 else np.maximum.outer(k, k)
+    return jnp.sum(jnp.where(top > (x.shape[0] + 1) / 2, energy, 0)) / jnp.sum(energy)
+
+
 def convergence_factor(error_map: Callable, e0, iterations: int = 50):
     """Asymptotic convergence factor of a linear iteration: power iteration on e <- M e.
 

@@ -141,6 +141,22 @@ def test_transfers_equal_strided_and_transposed_convolutions(ndim):
     assert mg.restrict(r.astype(jnp.float32)).dtype == mg.prolong(v.astype(jnp.float32)).dtype == jnp.float32
 
 
+def test_high_frequency_share_of_sine_modes_and_of_noise():
+    from scipy.fft import dstn
+
+    n = 16
+    i = np.arange(1, n)
+    mode = lambda k: np.sin(np.pi * k * i / n)
+    for k, share in ((1, 0.0), (8, 0.0), (9, 1.0), (15, 1.0)):  # above half Nyquist: k > n / 2
+        assert float(mg.high_frequency_share(jnp.asarray(mode(k)))) == pytest.approx(share, abs=1e-12)
+        assert float(mg.high_frequency_share(jnp.asarray(np.outer(mode(2), mode(k))))) == pytest.approx(share, abs=1e-12)
+    x = _random((n - 1, n - 1), 4)
+    np.testing.assert_allclose(mg.sine_coefficients(x), dstn(np.asarray(x), type=1) / 4, rtol=1e-12, atol=1e-12)
+    # white noise spreads its energy evenly over the modes: 1 - (7/15)^2 of them are above n/2
+    noise = jax.random.normal(jax.random.key(0), (255, 255), jnp.float64)
+    assert float(mg.high_frequency_share(noise)) == pytest.approx(1 - (127 / 255) ** 2, abs=0.01)
+
+
 def test_mixed_precision_cycles_reach_float64_residuals_at_the_float64_rate():
     """Float32 cycles inside the float64 defect correction: the float64 residual falls to 1e-10
     (far below float32 rounding) in the same number of cycles as float64 cycles, because each
