@@ -14,15 +14,13 @@ dependencies and are imported here only.
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
-from experiments.common import main, save_figure, time_interleaved
+from experiments.common import main, save_figure, time_alternating, time_interleaved
 from neuralode import multigrid as mg
 
 
@@ -57,17 +55,6 @@ def _ours(n: int, rtol: float, cycle_dtype: str):
     return jax.jit(lambda f: mg.solve(op, f, rtol=rtol, max_cycles=30, cycle_dtype=cycle_dtype))
 
 
-def _interleaved(calls: dict, repeats: int) -> dict:
-    """Median wall time of each zero-argument callable, run in alternation."""
-    runs = {k: [] for k in calls}
-    for _ in tqdm(range(repeats), desc="timing (interleaved)"):
-        for k, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            runs[k].append(time.perf_counter() - start)
-    return {k: {"run_s": statistics.median(v), "runs_s": v} for k, v in runs.items()}
-
-
 def head_to_head(cfg: Config) -> dict:
     import pyamg
     import scipy.sparse.linalg as spla
@@ -84,9 +71,9 @@ def head_to_head(cfg: Config) -> dict:
         ml = pyamg.ruge_stuben_solver(A)
         return ml.solve(b, tol=cfg.rtol, maxiter=100)
 
-    times = _interleaved({"ours": lambda: jax.block_until_ready(compiled(fj)),
-                          "ours_float64": lambda: jax.block_until_ready(compiled_f64(fj)), "pyamg": amg},
-                         cfg.repeats)
+    times = time_alternating({"ours": lambda: jax.block_until_ready(compiled(fj)),
+                              "ours_float64": lambda: jax.block_until_ready(compiled_f64(fj)), "pyamg": amg},
+                             cfg.repeats, warmup=True, desc="timing ours vs pyamg")
     x_amg = amg()
     rel = lambda x: float(np.linalg.norm(b - A @ x) / np.linalg.norm(b))
     out = {"unknowns": (n - 1) ** 2, "cycle_dtype": cfg.cycle_dtype, "ours_s": times["ours"]["run_s"],

@@ -150,15 +150,35 @@ def time_compiled(fn: Callable, *args, repeats: int = 5, number: int = 1) -> dic
     return {"compile_s": compile_s, "run_s": statistics.median(runs), "runs_s": runs}
 
 
-def time_interleaved(fns: dict[str, Callable], args: dict[str, tuple], repeats: int = 7,
-                     number: int | dict = 1, warmup: bool = False) -> dict[str, dict]:
-    """Time several compiled functions in alternation, so drift in machine load hits all alike.
+def time_alternating(calls: dict[Any, Callable], repeats: int = 7, number: int | dict = 1,
+                     warmup: bool = False, desc: str = "timing") -> dict[Any, dict]:
+    """Median wall time of zero-argument callables (which block until their result is ready), run
+    in alternation so that drift in machine load hits all alike.
 
-    `number` calls per sample (one count for all, or a dict per key, so that short functions can
-    be averaged over many calls); with `warmup` each sample is preceded by one untimed call, so a
-    small function does not pay for what the large one before it left behind (freed buffers,
-    evicted caches).
+    `number` calls per sample (one count for all, or a dict per key, so that short calls can be
+    averaged over many); with `warmup` each sample is preceded by one untimed call, so a small call
+    does not pay for what the large one before it left behind (freed buffers, evicted caches).
+    A progress bar labelled `desc` counts the rounds.
     """
+    from tqdm.auto import tqdm
+
+    counts = number if isinstance(number, dict) else dict.fromkeys(calls, number)
+    runs = {key: [] for key in calls}
+    for _ in tqdm(range(repeats), desc=desc, leave=False):
+        for key, call in calls.items():
+            if warmup:
+                call()
+            start = time.perf_counter()
+            for _ in range(counts[key]):
+                call()
+            runs[key].append((time.perf_counter() - start) / counts[key])
+    return {key: {"run_s": statistics.median(runs[key]), "runs_s": runs[key]} for key in calls}
+
+
+def time_interleaved(fns: dict[Any, Callable], args: dict[Any, tuple], repeats: int = 7,
+                     number: int | dict = 1, warmup: bool = False) -> dict[Any, dict]:
+    """Compile each jitted function for its arguments (compile time reported separately), then
+    time the compiled calls with `time_alternating`."""
     import jax
 
     compiled, compile_s = {}, {}
@@ -167,16 +187,6 @@ def time_interleaved(fns: dict[str, Callable], args: dict[str, tuple], repeats: 
         compiled[key] = fn.lower(*args[key]).compile()
         compile_s[key] = time.perf_counter() - start
         jax.block_until_ready(compiled[key](*args[key]))
-    counts = number if isinstance(number, dict) else dict.fromkeys(fns, number)
-    runs = {key: [] for key in fns}
-    for _ in range(repeats):
-        for key in fns:
-            if warmup:
-                jax.block_until_ready(compiled[key](*args[key]))
-            start = time.perf_counter()
-            for _ in range(counts[key]):
-                out = compiled[key](*args[key])
-            jax.block_until_ready(out)
-            runs[key].append((time.perf_counter() - start) / counts[key])
-    return {key: {"compile_s": compile_s[key], "run_s": statistics.median(runs[key]),
-                  "runs_s": runs[key]} for key in fns}
+    calls = {key: (lambda key=key: jax.block_until_ready(compiled[key](*args[key]))) for key in fns}
+    times = time_alternating(calls, repeats, number, warmup)
+    return {key: {"compile_s": compile_s[key], **times[key]} for key in fns}

@@ -161,6 +161,12 @@ def memory_vs_depth(cfg: Config, dataset_name: str, dataset,
                     models: tuple[str, ...] = ("resnet", "rknet", "odenet")) -> dict:
     """Gradient memory and forward NFE of untrained `models` as their depth grows (memory depends
     on the shapes and the solver, not on the weights)."""
+    unknown = sorted(set(models) - {"resnet", "rknet", "odenet"})
+    if unknown or not models:
+        raise ValueError(f"models: expected some of ('resnet', 'rknet', 'odenet'), got {models}")
+    if len(cfg.depths) < 2 or len(cfg.memory_rtols) < 2:
+        raise ValueError(f"depths and memory_rtols need two values or more each, got {cfg.depths} "
+                         f"and {cfg.memory_rtols}")
     x = jnp.asarray(dataset.x_test[:cfg.measure_batch])
     y = jnp.asarray(dataset.y_test[:cfg.measure_batch])
     base = classify_config(cfg, dataset_name, "resnet")
@@ -247,14 +253,14 @@ def run(cfg: Config) -> dict:
     bad = sorted(set(cfg.datasets) - {"digits", "mnist1d"})
     if bad:
         raise ValueError(f"datasets: {bad} not supported, expected digits and/or mnist1d")
-    table = {}
+    table, datasets = {}, {}
     for dataset_name in cfg.datasets:
-        dataset = load(ClassifyConfig(dataset=dataset_name))
+        dataset = datasets[dataset_name] = load(ClassifyConfig(dataset=dataset_name))
         table[dataset_name] = {}
         for model_name in cfg.models:
             table[dataset_name][model_name] = evaluate_row(cfg, dataset_name, model_name, dataset)
             write_json(Path(cfg.out) / "table_partial.json", table)  # rows so far
-    memory = memory_vs_depth(cfg, cfg.datasets[0], load(ClassifyConfig(dataset=cfg.datasets[0])))
+    memory = memory_vs_depth(cfg, cfg.datasets[0], datasets[cfg.datasets[0]])
     plot_memory(cfg, memory)
     (Path(cfg.out) / "table.md").write_text(markdown(table) + memory_markdown(memory))
     summary = headline(table)

@@ -253,7 +253,7 @@ def random_shift(x: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.
     [-max_shift, max_shift] along every spatial axis, filling with zeros (the usual shift
     augmentation for small images and signals). `x` is `(N, *spatial, C)`; offsets come from `rng`.
     """
-    if not isinstance(max_shift, (int, np.integer)) or max_shift < 0:
+    if not isinstance(max_shift, (int, np.integer)) or isinstance(max_shift, bool) or max_shift < 0:
         raise ValueError(f"max_shift: expected an integer >= 0, found {max_shift!r}")
     if x.ndim < 3:
         raise ValueError(f"x: expected a channels-last batch (N, *spatial, C), found shape {x.shape}")

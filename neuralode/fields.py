@@ -9,6 +9,7 @@ an L-block ResNet.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Callable
 
 import jax
@@ -90,7 +91,8 @@ class ConvField(nnx.Module):
     """f(t, y) = conv_2(s(norm_2(conv_1(s(norm_1(y)))))) with "same" padding, channels last
     (NWC for `spatial_dims=1`, NHWC for 2): the pre-activation residual branch of He et al. 2016
     and the ODE function of Chen et al. 2018. Convolutions run through `field_conv`. `time_dependent` feeds t as an extra input channel to
-    both convolutions; `norm` adds GroupNorm (min(32, channels) groups) before each activation.
+    both convolutions; `norm` adds GroupNorm (gcd(32, channels) groups, so any width works)
+    before each activation.
     """
 
     def __init__(self, channels: int, hidden: int | None = None, *, kernel_size: int = 3,
@@ -104,9 +106,9 @@ class ConvField(nnx.Module):
         self.conv2 = nnx.Conv(hidden + extra, channels, kernel, padding="SAME",
                               param_dtype=param_dtype, conv_general_dilated=field_conv, rngs=rngs)
         if norm:
-            self.norm1 = nnx.GroupNorm(channels, num_groups=min(32, channels),
+            self.norm1 = nnx.GroupNorm(channels, num_groups=math.gcd(32, channels),
                                        param_dtype=param_dtype, rngs=rngs)
-            self.norm2 = nnx.GroupNorm(hidden, num_groups=min(32, hidden),
+            self.norm2 = nnx.GroupNorm(hidden, num_groups=math.gcd(32, hidden),
                                        param_dtype=param_dtype, rngs=rngs)
         self.norm = norm
         self.time_dependent = time_dependent

@@ -188,13 +188,24 @@ def bilinear(ndim: int = 2) -> np.ndarray:
     return full_weighting(ndim) * 2**ndim
 
 
+def _transfer_stencil(name, stencil, default, x, x_name):
+    """The 3^d transfer stencil as an array of x's dtype, after checking that x is a square 1-D or
+    2-D grid and the stencil matches its dimension."""
+    if x.ndim not in (1, 2) or len(set(x.shape)) != 1:
+        raise ValueError(f"{x_name} must be a 1-D or square 2-D grid, got shape {x.shape}")
+    s = jnp.asarray(default(x.ndim) if stencil is None else stencil, x.dtype)
+    if s.shape != (3,) * x.ndim:
+        raise ValueError(f"{name} must have shape {(3,) * x.ndim} for a {x.ndim}-D grid, got {s.shape}")
+    return s
+
+
 def restrict(r, stencil=None):
     """Coarse value I = sum_a s[a] r[2I + a]: a stride-2 'VALID' convolution, (n-1) -> (n/2-1) per side.
 
-    Computed as the sum over the 3^d taps of strided slices, which XLA fuses into one loop (a
-    one-channel `conv_general_dilated` ran 20x slower on CPU).
+    Computed as the sum over the 3^d taps of strided slices, which XLA fuses into one loop
+    (XLA:CPU runs a one-channel `conv_general_dilated` slowly).
     """
-    s = jnp.asarray(full_weighting(r.ndim) if stencil is None else stencil, r.dtype)
+    s = _transfer_stencil("stencil", stencil, full_weighting, r, "r")
     m = (r.shape[0] - 1) // 2
     out = jnp.zeros((m,) * r.ndim, r.dtype)
     for a in np.ndindex(*(3,) * r.ndim):
@@ -206,10 +217,10 @@ def prolong(v, stencil=None):
     """Fine value 2I + a += s[a] v[I]: the transposed convolution of `restrict`, (m) -> (2m + 1) per side.
 
     Computed per parity class of the fine points: along an axis, fine 2K + 1 takes tap 1 from v[K],
-    fine 2K takes tap 0 from v[K] and tap 2 from v[K - 1]; the 2^d classes are then interleaved.
-    (A transposed convolution with lhs_dilation ran 8x slower on CPU.)
+    fine 2K takes tap 0 from v[K] and tap 2 from v[K - 1]; the 2^d classes are then interleaved
+    (XLA:CPU runs a transposed, lhs-dilated one-channel convolution slowly).
     """
-    s = jnp.asarray(bilinear(v.ndim) if stencil is None else stencil, v.dtype)
+    s = _transfer_stencil("stencil", stencil, bilinear, v, "v")
     m, d = v.shape[0], v.ndim
     vp = jnp.pad(v, 1)  # vp[K + 1] = v[K], zero at K = -1 and K = m
     window = lambda a: slice(0, m + 1) if a == 2 else slice(1, m + 2)  # v[K - a // 2], K = 0..m
@@ -354,7 +365,10 @@ def solve(op, f, u0=None, *, kind: str = "V", nu1: int = 2, nu2: int = 1,
     _check_cycle(kind, smoother, nu1, nu2)
     if not isinstance(max_cycles, int) or max_cycles < 1:
         raise ValueError(f"max_cycles must be a positive int, got {max_cycles!r}")
-    cdtype = f.dtype if cycle_dtype is None else jnp.dtype(cycle_dtype)
+    try:
+        cdtype = f.dtype if cycle_dtype is None else jnp.dtype(cycle_dtype)
+    except TypeError:
+        raise TypeError(f"cycle_dtype must be a floating-point dtype, got {cycle_dtype!r}") from None
     if not jnp.issubdtype(cdtype, jnp.floating):
         raise TypeError(f"cycle_dtype must be a floating-point dtype, got {cdtype}")
     levels = jax.tree.map(lambda w: w.astype(cdtype), hierarchy(op, galerkin))
@@ -393,6 +407,8 @@ def sine_coefficients(x):
     """Coefficients of a grid function in the discrete sine modes sin(pi k i / n), k = 1..n-1 per
     axis (a DST-I as a matrix product; the modes are the eigenvectors of the constant-coefficient
     operators, k = n/2 is half the Nyquist frequency)."""
+    if x.ndim not in (1, 2) or len(set(x.shape)) != 1:
+        raise ValueError(f"x must be a 1-D or square 2-D grid, got shape {x.shape}")
     k = np.arange(1, x.shape[0] + 1)
     s = jnp.asarray(np.sin(np.pi * np.outer(k, k) / (x.shape[0] + 1)), x.dtype)
     return s @ x if x.ndim == 1 else s @ x @ s.T

@@ -56,8 +56,8 @@ class TrainConfig:
     warm-up from 0. `optimizer` is "adamw" (decoupled `weight_decay`) or "sgd" (Nesterov momentum
     0.9, `weight_decay` added to the gradient). `grad_clip_norm` clips the global gradient norm.
     `augment_shift` > 0 translates every training example by a random offset of up to that many
-    pixels (samples) per spatial axis, drawn from `np.random.default_rng([seed, epoch, batch])` so
-    that a resumed run sees the same batches.
+    pixels (samples) per spatial axis, drawn from the `batch`-th child of the epoch's seed sequence
+    `SeedSequence([seed, epoch])` (whose root draws the order), so a resumed run sees the same batches.
     """
 
     epochs: int = 10
@@ -266,7 +266,9 @@ class _Checkpoints:
 
 def _check_config_matches(saved: dict[str, Any], config: TrainConfig) -> None:
     current = dataclasses.asdict(config)
-    changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v and k not in _RESUMABLE_CHANGES}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    saved = {**defaults, **saved}  # a field added since the checkpoint was written has its default
+    changed = {k: (saved[k], v) for k, v in current.items() if saved[k] != v and k not in _RESUMABLE_CHANGES}
     if changed:
         details = ", ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in changed.items())
         raise ValueError(f"config: resuming with settings that differ from the checkpointed run ({details})")
@@ -358,7 +360,8 @@ def train(
             started = time.perf_counter()
             for x, y in batches(dataset.x_train, dataset.y_train, config.batch_size, order, start=progress["batch"]):
                 if config.augment_shift:
-                    x = random_shift(x, config.augment_shift, np.random.default_rng([config.seed, epoch, progress["batch"]]))
+                    shifts = np.random.SeedSequence([config.seed, epoch], spawn_key=(progress["batch"],))
+                    x = random_shift(x, config.augment_shift, np.random.default_rng(shifts))
                 state, metrics = train_step(state, x.astype(dtype), y)
                 _accumulate(progress["sums"], jax.device_get(metrics), len(y))
                 progress["examples"] += len(y)

@@ -37,18 +37,3 @@ def test_mnist_without_directory_is_a_clear_error(tmp_path):
     assert "--dataset mnist needs --mnist-dir" in done.stderr
     assert not (tmp_path / "classify.json").exists()
 
-
-def test_gradient_memory_grows_with_resnet_depth_not_with_odenet_steps():
-    """Table 1's memory column: backprop through L blocks stores O(L) activations; the continuous
-    adjoint's gradient memory does not depend on how many steps the solver takes."""
-    from experiments.classify import Config as ClassifyConfig
-    from experiments.classify import load
-    from experiments.table import Config, memory_vs_depth
-
-    cfg = Config(channels=(4, 8), measure_batch=8, depths=(1, 4), memory_rtols=(1e-1, 1e-6))
-    memory = memory_vs_depth(cfg, "digits", load(ClassifyConfig(dataset="digits")), ("resnet", "odenet"))
-    resnet, odenet = memory["rows"]["resnet"], memory["rows"]["odenet"]
-    assert [r["nfe_forward"] for r in resnet] == [2, 8]  # two stages of 1 and 4 Euler steps
-    assert memory["memory_growth"]["resnet"] > 2
-    assert odenet[1]["nfe_forward"] > odenet[0]["nfe_forward"]
-    assert odenet[1]["grad_memory_bytes"] == odenet[0]["grad_memory_bytes"]

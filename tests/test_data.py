@@ -75,8 +75,9 @@ def test_random_shift_translates_each_example_with_zero_fill():
     lead = (zeros_at_ends[:, :2] == 0).sum(1) - (zeros_at_ends[:, -2:] == 0).sum(1)
     assert set(lead) == {-2, -1, 0, 1, 2}
     assert data.random_shift(x, 0, np.random.default_rng(0)) is x
-    with pytest.raises(ValueError, match="max_shift"):
-        data.random_shift(x, -1, np.random.default_rng(0))
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="max_shift"):
+            data.random_shift(x, bad, np.random.default_rng(0))
 
 
 def test_batches_cover_every_example_once_and_are_deterministic():

@@ -139,6 +139,10 @@ def test_transfers_equal_strided_and_transposed_convolutions(ndim):
                                                       padding=[(2, 2)] * ndim, lhs_dilation=(2,) * ndim),
                                rtol=1e-13, atol=1e-14)
     assert mg.restrict(r.astype(jnp.float32)).dtype == mg.prolong(v.astype(jnp.float32)).dtype == jnp.float32
+    with pytest.raises(ValueError, match=r"r must be a 1-D or square 2-D grid"):
+        mg.restrict(jnp.ones((7, 5)))
+    with pytest.raises(ValueError, match=r"stencil must have shape"):
+        mg.prolong(v, jnp.ones((5,) * ndim))
 
 
 def test_high_frequency_share_of_sine_modes_and_of_noise():
@@ -152,9 +156,12 @@ def test_high_frequency_share_of_sine_modes_and_of_noise():
         assert float(mg.high_frequency_share(jnp.asarray(np.outer(mode(2), mode(k))))) == pytest.approx(share, abs=1e-12)
     x = _random((n - 1, n - 1), 4)
     np.testing.assert_allclose(mg.sine_coefficients(x), dstn(np.asarray(x), type=1) / 4, rtol=1e-12, atol=1e-12)
-    # white noise spreads its energy evenly over the modes: 1 - (7/15)^2 of them are above n/2
+    # white noise has iid N(0, 1) mode coefficients: the expected share is the fraction of modes
+    # with max(kx, ky) > 128, 1 - (128/255)^2; the sampling spread is sqrt(2 p (1 - p) / 255^2) = 0.0024
     noise = jax.random.normal(jax.random.key(0), (255, 255), jnp.float64)
-    assert float(mg.high_frequency_share(noise)) == pytest.approx(1 - (127 / 255) ** 2, abs=0.01)
+    assert float(mg.high_frequency_share(noise)) == pytest.approx(1 - (128 / 255) ** 2, abs=3 * 0.0024)
+    with pytest.raises(ValueError, match=r"x must be a 1-D or square 2-D grid"):
+        mg.high_frequency_share(jnp.ones((3, 3, 3)))
 
 
 def test_mixed_precision_cycles_reach_float64_residuals_at_the_float64_rate():
@@ -170,8 +177,9 @@ def test_mixed_precision_cycles_reach_float64_residuals_at_the_float64_rate():
         assert float(jnp.linalg.norm(f - op(mixed.u)) / jnp.linalg.norm(f)) <= 1e-10
         k = int(exact.cycles)  # per-cycle factors agree to float32 rounding of each cycle's work
         np.testing.assert_allclose(mixed.residuals[:k + 1], exact.residuals[:k + 1], rtol=1e-4)
-    with pytest.raises(TypeError, match="cycle_dtype"):
-        mg.solve(mg.Poisson(8), jnp.ones((7, 7)), cycle_dtype=jnp.int32)
+    for bad in (jnp.int32, "flaot32"):
+        with pytest.raises(TypeError, match="cycle_dtype must be a floating-point dtype"):
+            mg.solve(mg.Poisson(8), jnp.ones((7, 7)), cycle_dtype=bad)
 
 
 @pytest.mark.parametrize("make", [lambda: mg.Poisson(16, 1), lambda: mg.Poisson(16, 2),

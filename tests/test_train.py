@@ -143,6 +143,14 @@ def test_resume_mid_epoch_with_shift_augmentation_is_bitwise_equal(reference, tm
                                 for m in (plain, whole)))
 
 
+def test_checkpoint_written_before_a_config_field_existed_resumes_with_its_default():
+    saved = dataclasses.asdict(train_script.CONFIG)
+    del saved["augment_shift"]  # checkpoints from before augmentation was added
+    training._check_config_matches(saved, train_script.CONFIG)
+    with pytest.raises(ValueError, match="augment_shift: checkpoint 0, now 1"):
+        training._check_config_matches(saved, dataclasses.replace(train_script.CONFIG, augment_shift=1))
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path):
     ref_workdir, ref_params, _, _ = reference
     workdir = tmp_path / "run"

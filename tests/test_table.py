@@ -1,0 +1,27 @@
+"""experiments.table: the memory-vs-depth column of Chen et al. 2018, Table 1."""
+
+import pytest
+
+from experiments.classify import Config as ClassifyConfig
+from experiments.classify import load
+from experiments.table import Config, memory_vs_depth
+
+
+def test_gradient_memory_grows_with_resnet_depth_not_with_odenet_steps():
+    """Backprop through L blocks stores O(L) activations; the continuous adjoint's gradient memory
+    does not depend on how many steps the solver takes."""
+    cfg = Config(channels=(4, 8), measure_batch=8, depths=(1, 4), memory_rtols=(1e-1, 1e-6))
+    memory = memory_vs_depth(cfg, "digits", load(ClassifyConfig(dataset="digits")), ("resnet", "odenet"))
+    resnet, odenet = memory["rows"]["resnet"], memory["rows"]["odenet"]
+    assert [r["nfe_forward"] for r in resnet] == [2, 8]  # two stages of 1 and 4 Euler steps
+    assert memory["memory_growth"]["resnet"] > 2
+    assert odenet[1]["nfe_forward"] > odenet[0]["nfe_forward"]
+    assert odenet[1]["grad_memory_bytes"] == odenet[0]["grad_memory_bytes"]
+
+
+def test_memory_sweep_rejects_unknown_models_and_single_points():
+    digits = load(ClassifyConfig(dataset="digits"))
+    with pytest.raises(ValueError, match="models: expected some of"):
+        memory_vs_depth(Config(), "digits", digits, ("densenet",))
+    with pytest.raises(ValueError, match="depths and memory_rtols need two values"):
+        memory_vs_depth(Config(depths=(4,)), "digits", digits)
