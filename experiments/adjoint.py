@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 import neuralode as no
-from experiments.common import main, save_figure, time_interleaved
+from experiments.common import blocking_calls, compile_all, main, save_figure, time_alternating
 
 ADJOINTS = {"discrete": no.DiscreteAdjoint, "checkpoint": no.CheckpointAdjoint,
             "backsolve": no.BacksolveAdjoint}
@@ -147,40 +147,25 @@ def memory(cfg: Config, solver, ts) -> tuple[dict, dict, dict]:
     return temp, analysis, nfe
 
 
-class _Precompiled:
-    """Hands an already compiled executable to `time_interleaved` (which calls .lower().compile())."""
-
-    def __init__(self, compiled):
-        self.compiled = compiled
-
-    def lower(self, *args):
-        return self
-
-    def compile(self):
-        return self.compiled
-
-
 def timings(cfg: Config, solver, ts) -> tuple[dict, dict]:
     """Per L, the three adjoints' gradients timed in alternation (compile excluded)."""
     _, graphdef, params, y0 = mlp_problem(cfg.width, cfg.batch, cfg.seed)
     run_s = {name: {} for name in ADJOINTS}
     details = {name: {} for name in ADJOINTS}
     for steps in cfg.depths:
-        compiled, compile_s, single = {}, {}, []
-        for name, adjoint in ADJOINTS.items():
+        args = {name: (params, y0) for name in ADJOINTS}
+        compiled, compile_s = compile_all(
+            {name: gradient_fn(graphdef, solver, adjoint(), steps, ts)
+             for name, adjoint in ADJOINTS.items()}, args)
+        calls = blocking_calls(compiled, args)
+        single = []
+        for call in calls.values():
             start = time.perf_counter()
-            compiled[name] = gradient_fn(graphdef, solver, adjoint(), steps, ts).lower(
-                params, y0).compile()
-            compile_s[name] = time.perf_counter() - start
-            jax.block_until_ready(compiled[name](params, y0))  # warm-up
-            start = time.perf_counter()
-            jax.block_until_ready(compiled[name](params, y0))
+            call()
             single.append(time.perf_counter() - start)
         # Enough calls per sample that the fastest adjoint's sample lasts >= min_sample_s.
         number = max(1, math.ceil(cfg.min_sample_s / max(min(single), 1e-6)))
-        result = time_interleaved({k: _Precompiled(c) for k, c in compiled.items()},
-                                  {k: (params, y0) for k in compiled}, repeats=cfg.repeats,
-                                  number=number)
+        result = time_alternating(calls, repeats=cfg.repeats, number=number)
         for name in ADJOINTS:
             run_s[name][steps] = result[name]["run_s"]
             details[name][steps] = {"run_s": result[name]["run_s"], "runs_s": result[name]["runs_s"],

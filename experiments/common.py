@@ -129,25 +129,25 @@ def main(module_name: str, config_cls, run: Callable, quick_overrides: dict) -> 
 # ---------------------------------------------------------------------------------------------
 # Timing for the bench_* modules: compile excluded, results blocked on, median of repeats.
 
-def time_compiled(fn: Callable, *args, repeats: int = 5, number: int = 1) -> dict:
-    """Compile `fn` (a jax.jit-ed function) for `args`, then time it.
-
-    Returns {"compile_s", "run_s" (median over `repeats` of the mean of `number` calls), "runs_s"}.
-    """
+def compile_all(fns: dict[Any, Callable], args: dict[Any, tuple]) -> tuple[dict, dict]:
+    """Compile each jax.jit-ed function for its arguments ahead of time and run it once (warm-up);
+    returns the executables and the compile seconds, both by key."""
     import jax
 
-    start = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(*args))  # warm-up
-    runs = []
-    for _ in range(repeats):
+    compiled, compile_s = {}, {}
+    for key, fn in fns.items():
         start = time.perf_counter()
-        for _ in range(number):
-            out = compiled(*args)
-        jax.block_until_ready(out)
-        runs.append((time.perf_counter() - start) / number)
-    return {"compile_s": compile_s, "run_s": statistics.median(runs), "runs_s": runs}
+        compiled[key] = fn.lower(*args[key]).compile()
+        compile_s[key] = time.perf_counter() - start
+        jax.block_until_ready(compiled[key](*args[key]))
+    return compiled, compile_s
+
+
+def blocking_calls(compiled: dict[Any, Callable], args: dict[Any, tuple]) -> dict[Any, Callable]:
+    """Zero-argument calls of each executable on its arguments that block until the result is ready."""
+    import jax
+
+    return {key: (lambda key=key: jax.block_until_ready(compiled[key](*args[key]))) for key in compiled}
 
 
 def time_alternating(calls: dict[Any, Callable], repeats: int = 7, number: int | dict = 1,
@@ -177,16 +177,13 @@ def time_alternating(calls: dict[Any, Callable], repeats: int = 7, number: int |
 
 def time_interleaved(fns: dict[Any, Callable], args: dict[Any, tuple], repeats: int = 7,
                      number: int | dict = 1, warmup: bool = False) -> dict[Any, dict]:
-    """Compile each jitted function for its arguments (compile time reported separately), then
-    time the compiled calls with `time_alternating`."""
-    import jax
-
-    compiled, compile_s = {}, {}
-    for key, fn in fns.items():
-        start = time.perf_counter()
-        compiled[key] = fn.lower(*args[key]).compile()
-        compile_s[key] = time.perf_counter() - start
-        jax.block_until_ready(compiled[key](*args[key]))
-    calls = {key: (lambda key=key: jax.block_until_ready(compiled[key](*args[key]))) for key in fns}
-    times = time_alternating(calls, repeats, number, warmup)
+    """`compile_all`, then time the compiled calls with `time_alternating`; each key's result holds
+    `compile_s`, `run_s` (median over `repeats` of the mean of `number` calls) and `runs_s`."""
+    compiled, compile_s = compile_all(fns, args)
+    times = time_alternating(blocking_calls(compiled, args), repeats, number, warmup)
     return {key: {"compile_s": compile_s[key], **times[key]} for key in fns}
+
+
+def time_compiled(fn: Callable, *args, repeats: int = 5, number: int = 1) -> dict:
+    """`time_interleaved` of the one jax.jit-ed function `fn` on `args`."""
+    return time_interleaved({"fn": fn}, {"fn": args}, repeats, number)["fn"]
