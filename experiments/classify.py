@@ -97,10 +97,11 @@ def count_params(model: nnx.Module) -> int:
     return int(sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
-def forward_nfe(model: nnx.Module, x: np.ndarray) -> float:
-    """Field evaluations of one evaluation-mode forward pass over the batch `x`."""
+def forward_stats(model: nnx.Module, x: np.ndarray) -> dict[str, float]:
+    """The statistics of one evaluation-mode forward pass over the batch `x`: `nfe` (field
+    evaluations of all stages) and, for the fixed-step models, `nfe_backward` (those of backprop)."""
     model.eval()
-    return float(nnx.jit(lambda m, x: m.forward(x)[1]["nfe"])(model, x))
+    return {k: float(v) for k, v in nnx.jit(lambda m, x: m.forward(x)[1])(model, x).items()}
 
 
 def load(cfg: Config) -> Dataset:
@@ -136,7 +137,8 @@ def plot_history(cfg: Config, history: list[dict], name: str) -> Path:
 
 def train_one(cfg: Config, dataset: Dataset, name: str | None = None) -> tuple[nnx.Module, dict]:
     """Build and train `cfg.model` in `<out>/<name>/` (default `classify_<dataset>_<model>`);
-    return the model and its results (test accuracy, parameters, forward NFE, training time,
+    return the model and its results (test accuracy, parameters, forward NFE, backward NFE of the
+    fixed-step models (None for the adaptive ones: counted by experiments.table), training time,
     per-epoch history)."""
     from neuralode.train import read_metrics
 
@@ -147,9 +149,10 @@ def train_one(cfg: Config, dataset: Dataset, name: str | None = None) -> tuple[n
                  loss_fn=classification_loss)
     history = read_metrics(workdir)
     figure = plot_history(cfg, history, name)
-    x_test = dataset.x_test[:cfg.batch_size]
+    stats = forward_stats(model, dataset.x_test[:cfg.batch_size])
     results = {"test_acc": last["test_accuracy"], "params": count_params(model),
-               "nfe_forward": forward_nfe(model, x_test), "train_s": last["train_seconds"],
+               "nfe_forward": stats["nfe"], "nfe_backward": stats.get("nfe_backward"),
+               "train_s": last["train_seconds"],
                "epochs": last["epoch"], "workdir": str(workdir), "figure": str(figure),
                "history": history}
     return model, results

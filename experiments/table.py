@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from experiments.classify import Config as ClassifyConfig
-from experiments.classify import build_model, forward_nfe, load, train_one
+from experiments.classify import build_model, forward_stats, load, train_one
 from experiments.common import main, save_figure, write_json
 from neuralode.models.classifiers import classification_loss
 
@@ -147,8 +147,7 @@ def evaluate_row(cfg: Config, dataset_name: str, model_name: str, dataset) -> di
     if model_name in ADAPTIVE:
         _, nfe_backward = counted_nfe(model, x, y)
     else:
-        model.eval()
-        nfe_backward = int(nnx.jit(lambda m, x: m.forward(x)[1]["nfe_backward"])(model, x))
+        nfe_backward = int(results["nfe_backward"])
     row = {"test_acc": results["test_acc"], "params": results["params"],
            "grad_memory_bytes": grad_memory_bytes(model, x, y),
            "nfe_forward": results["nfe_forward"], "nfe_backward": nfe_backward,
@@ -176,11 +175,11 @@ def memory_vs_depth(cfg: Config, dataset_name: str, dataset,
             if name not in models:
                 continue
             model = build_model(dataclasses.replace(base, model=name, **options), dataset)
-            rows[name].append({"depth": depth, "nfe_forward": int(forward_nfe(model, x)),
+            rows[name].append({"depth": depth, "nfe_forward": int(forward_stats(model, x)["nfe"]),
                                "grad_memory_bytes": grad_memory_bytes(model, x, y)})
     for rtol in cfg.memory_rtols if "odenet" in models else ():
         model = build_model(dataclasses.replace(base, model="odenet", rtol=rtol, atol=rtol), dataset)
-        rows["odenet"].append({"rtol": rtol, "nfe_forward": int(forward_nfe(model, x)),
+        rows["odenet"].append({"rtol": rtol, "nfe_forward": int(forward_stats(model, x)["nfe"]),
                                "grad_memory_bytes": grad_memory_bytes(model, x, y)})
     growth = {name: r[-1]["grad_memory_bytes"] / r[0]["grad_memory_bytes"] for name, r in rows.items()}
     nfe_growth = {name: r[-1]["nfe_forward"] / r[0]["nfe_forward"] for name, r in rows.items()}
