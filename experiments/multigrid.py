@@ -152,10 +152,6 @@ def histories(cfg: Config, model: MultigridUNet):
     return out
 
 
-def _hf_fraction(x) -> float:
-    return float(mg.high_frequency_share(x))
-
-
 def spectrum(cfg: Config):
     """What the encoder-decoder path passes (P_0 ... P_d R_d ... R_0 x) vs what the skip carries (x)."""
     n = max(cfg.n_poisson)
@@ -168,16 +164,18 @@ def spectrum(cfg: Config):
     out = {}
     for name, s in signals.items():
         s = jnp.asarray(s, jnp.float64)
-        row = {"skip_hf_fraction": _hf_fraction(s)}
+        skip_share = float(mg.high_frequency_share(s))
+        row = {"skip_hf_fraction": skip_share}
         for depth in (1, int(math.log2(n)) - 2):
             y = s
             for _ in range(depth):
                 y = mg.restrict(y)
             for _ in range(depth):
                 y = mg.prolong(y)
-            row[f"bottleneck_depth{depth}_hf_fraction"] = _hf_fraction(y)
-            row[f"bottleneck_depth{depth}_hf_energy_passed"] = _hf_fraction(y) * float(jnp.sum(y**2)) / (
-                _hf_fraction(s) * float(jnp.sum(s**2)))
+            share = float(mg.high_frequency_share(y))
+            row[f"bottleneck_depth{depth}_hf_fraction"] = share
+            row[f"bottleneck_depth{depth}_hf_energy_passed"] = share * float(jnp.sum(y**2)) / (
+                skip_share * float(jnp.sum(s**2)))
         out[name] = row
     # gain of one restrict-prolong round trip on each 1-D sine mode (the low-pass transfer function)
     m = n - 1

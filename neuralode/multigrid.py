@@ -188,14 +188,18 @@ def bilinear(ndim: int = 2) -> np.ndarray:
     return full_weighting(ndim) * 2**ndim
 
 
-def _transfer_stencil(name, stencil, default, x, x_name):
-    """The 3^d transfer stencil as an array of x's dtype, after checking that x is a square 1-D or
-    2-D grid and the stencil matches its dimension."""
+def _check_grid(name: str, x) -> None:
     if x.ndim not in (1, 2) or len(set(x.shape)) != 1:
-        raise ValueError(f"{x_name} must be a 1-D or square 2-D grid, got shape {x.shape}")
+        raise ValueError(f"{name} must be a 1-D or square 2-D grid, got shape {x.shape}")
+
+
+def _transfer_stencil(stencil, default, x, x_name):
+    """The 3^d transfer `stencil` (or `default(ndim)`) as an array of x's dtype, after checking
+    that x is a square 1-D or 2-D grid and the stencil matches its dimension."""
+    _check_grid(x_name, x)
     s = jnp.asarray(default(x.ndim) if stencil is None else stencil, x.dtype)
     if s.shape != (3,) * x.ndim:
-        raise ValueError(f"{name} must have shape {(3,) * x.ndim} for a {x.ndim}-D grid, got {s.shape}")
+        raise ValueError(f"stencil must have shape {(3,) * x.ndim} for a {x.ndim}-D grid, got {s.shape}")
     return s
 
 
@@ -205,7 +209,7 @@ def restrict(r, stencil=None):
     Computed as the sum over the 3^d taps of strided slices, which XLA fuses into one loop
     (XLA:CPU runs a one-channel `conv_general_dilated` slowly).
     """
-    s = _transfer_stencil("stencil", stencil, full_weighting, r, "r")
+    s = _transfer_stencil(stencil, full_weighting, r, "r")
     m = (r.shape[0] - 1) // 2
     out = jnp.zeros((m,) * r.ndim, r.dtype)
     for a in np.ndindex(*(3,) * r.ndim):
@@ -220,7 +224,7 @@ def prolong(v, stencil=None):
     fine 2K takes tap 0 from v[K] and tap 2 from v[K - 1]; the 2^d classes are then interleaved
     (XLA:CPU runs a transposed, lhs-dilated one-channel convolution slowly).
     """
-    s = _transfer_stencil("stencil", stencil, bilinear, v, "v")
+    s = _transfer_stencil(stencil, bilinear, v, "v")
     m, d = v.shape[0], v.ndim
     vp = jnp.pad(v, 1)  # vp[K + 1] = v[K], zero at K = -1 and K = m
     window = lambda a: slice(0, m + 1) if a == 2 else slice(1, m + 2)  # v[K - a // 2], K = 0..m
@@ -407,8 +411,7 @@ def sine_coefficients(x):
     """Coefficients of a grid function in the discrete sine modes sin(pi k i / n), k = 1..n-1 per
     axis (a DST-I as a matrix product; the modes are the eigenvectors of the constant-coefficient
     operators, k = n/2 is half the Nyquist frequency)."""
-    if x.ndim not in (1, 2) or len(set(x.shape)) != 1:
-        raise ValueError(f"x must be a 1-D or square 2-D grid, got shape {x.shape}")
+    _check_grid("x", x)
     k = np.arange(1, x.shape[0] + 1)
     s = jnp.asarray(np.sin(np.pi * np.outer(k, k) / (x.shape[0] + 1)), x.dtype)
     return s @ x if x.ndim == 1 else s @ x @ s.T
