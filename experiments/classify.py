@@ -24,9 +24,8 @@ from experiments.common import main, save_figure
 from neuralode.adjoints import BacksolveAdjoint, CheckpointAdjoint
 from neuralode.data import DATASET_NAMES, Dataset, load_dataset
 from neuralode.models import AugmentedODENet, ODENet, PlainNet, ResNet, RKNet
-from neuralode.models.classifiers import classification_loss
 from neuralode.solvers import Dopri5, Tsit5
-from neuralode.train import TrainConfig, train
+from neuralode.train import TrainConfig, classification_loss, train
 
 MODELS = ("resnet", "plainnet", "rknet", "odenet", "anode")
 ADJOINTS = {"backsolve": BacksolveAdjoint, "checkpoint": CheckpointAdjoint}

@@ -31,7 +31,7 @@ from flax import nnx
 from experiments.classify import Config as ClassifyConfig
 from experiments.classify import build_model, forward_stats, load, train_one
 from experiments.common import main, save_figure, write_json
-from neuralode.models.classifiers import classification_loss
+from neuralode.train import classification_loss
 
 MODELS = ("resnet", "plainnet", "rknet", "odenet", "anode", "rnode")
 ADAPTIVE = ("odenet", "anode", "rnode")

@@ -144,6 +144,20 @@ def cross_entropy_loss(model: nnx.Module, x: jax.Array, y: jax.Array) -> tuple[j
     return classification_metrics(model(x), y)
 
 
+def classification_loss(model: nnx.Module, x: jax.Array, y: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`loss_fn` for the classifiers of `neuralode.models`: `model.forward(x)` gives `(logits,
+    stats)`; the loss is the cross-entropy plus `stats["regularisation"]` (RNODE) where present, and
+    every stat (NFE, regularisation terms) is logged as a metric beside `cross_entropy`."""
+    logits, stats = model.forward(x)
+    loss, metrics = classification_metrics(logits, y)
+    metrics["cross_entropy"] = loss
+    if "regularisation" in stats:
+        loss = loss + stats["regularisation"]
+        metrics["loss"] = loss
+    metrics.update({name: jnp.asarray(value, logits.dtype) for name, value in stats.items()})
+    return loss, metrics
+
+
 def param_dtype(model: nnx.Module) -> np.dtype:
     """The dtype of the model's floating-point parameters, to which input batches are cast."""
     dtypes = {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))

@@ -10,7 +10,8 @@ from flax import nnx
 
 import neuralode as no
 from neuralode.models import AugmentedODENet, ODENet, PlainNet, ResNet, RKNet
-from neuralode.models.classifiers import classification_loss, rnode_solve
+from neuralode.models.classifiers import rnode_solve
+from neuralode.train import classification_loss
 
 F64 = jnp.float64
 SMALL = dict(channels=(4, 6), param_dtype=F64)

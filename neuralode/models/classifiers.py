@@ -25,8 +25,8 @@ Options shared by all: `channels` (one width per stage), `spatial_dims`, `kernel
 `stem_kernel_size`, `norm` (GroupNorm in the fields), `activation`, `param_dtype`.
 
 `model(x)` returns logits; `model.forward(x)` returns `(logits, stats)` with the forward NFE summed
-over stages and, for RNODE in training mode, the regularisation terms. `classification_loss` is
-the `loss_fn` for `neuralode.train.train` that adds the regulariser and logs the NFE.
+over stages and, for RNODE in training mode, the regularisation terms;
+`neuralode.train.classification_loss` adds the regulariser to the loss and logs the NFE.
 """
 from __future__ import annotations
 
@@ -40,7 +40,6 @@ from neuralode.adjoints import AbstractAdjoint, BacksolveAdjoint, DiscreteAdjoin
 from neuralode.fields import ConvField, DepthStack
 from neuralode.solve import solve
 from neuralode.solvers import RK4, AbstractSolver, Dopri5, Euler
-from neuralode.train import classification_metrics
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -241,7 +240,7 @@ class ODENet(_Classifier):
 
     RNODE: with `kinetic_weight` or `jacobian_weight` > 0 the training-mode forward integrates the
     regularisers alongside y and reports `regularisation = kinetic_weight * mean K + jacobian_weight
-    * mean J` in its stats; `classification_loss` adds it to the loss. In eval mode (`model.eval()`,
+    * mean J` in its stats; `neuralode.train.classification_loss` adds it to the loss. In eval mode (`model.eval()`,
     as `train` leaves it) only y is integrated.
     """
 
@@ -314,16 +313,3 @@ class AugmentedODENet(ODENet):
         if not isinstance(augment_channels, int) or augment_channels < 1:
             raise ValueError(f"augment_channels must be an int >= 1, got {augment_channels!r}")
         super().__init__(in_channels, num_classes, augment_channels=augment_channels, **options)
-
-
-def classification_loss(model: _Classifier, x, y):
-    """`loss_fn` for `neuralode.train.train`: cross-entropy plus the model's RNODE regularisation
-    (if any); metrics `loss`, `accuracy`, `nfe` and the regularisation terms."""
-    logits, stats = model.forward(x)
-    loss, metrics = classification_metrics(logits, y)
-    metrics["cross_entropy"] = loss
-    if "regularisation" in stats:
-        loss = loss + stats["regularisation"]
-        metrics["loss"] = loss
-    metrics.update({name: jnp.asarray(value, logits.dtype) for name, value in stats.items()})
-    return loss, metrics
