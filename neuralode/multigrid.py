@@ -270,16 +270,22 @@ def gauss_seidel(op, u, f, sweeps: int = 1):
     first two are the red ones. Either way it is an exact Gauss-Seidel sweep in that ordering.
     """
     inv_d = 1 / op.diagonal(u.dtype)
-    idx = [jax.lax.broadcasted_iota(jnp.int32, u.shape, k) for k in range(u.ndim)]
-    if isinstance(op, Stencil):
-        colour, count = ((idx[0] + idx[1]) % 2) * 2 + idx[0] % 2, 4  # (0,0) (1,1) red; (0,1) (1,0) black
-    else:
-        colour, count = sum(idx) % 2, 2
+    count = 4 if isinstance(op, Stencil) else 2
+
+    def colour_is(k):
+        # Colour k: index-sum parity k (count 2); (i + j) % 2 == k // 2 and i % 2 == k % 2 (count 4,
+        # (0,0) (1,1) red). k enters before any iota-only term, so XLA cannot hoist a colour array
+        # out of the loop (it would be read at every half-sweep, a third more bytes).
+        idx = [jax.lax.broadcasted_iota(jnp.int32, u.shape, a) for a in range(u.ndim)]
+        if count == 2:
+            return (sum(idx, k) & 1) == 0
+        i, j = idx
+        return (((i + k // 2) + j) & 1 == 0) & ((i + k % 2) & 1 == 0)
 
     # One loop step per colour: XLA then applies each stencil to a materialised array; unrolled,
     # it fuses the colours and recomputes the previous one at every neighbour (measured 2-10x slower).
     def half_sweep(k, u):
-        return jnp.where(colour == k % count, u + inv_d * (f - op(u)), u)
+        return jnp.where(colour_is(k % count), u + inv_d * (f - op(u)), u)
     return jax.lax.fori_loop(0, count * sweeps, half_sweep, u)
 
 

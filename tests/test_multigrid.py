@@ -54,6 +54,34 @@ def test_red_black_gauss_seidel_factor_is_jacobi_squared():
     np.testing.assert_allclose(1 - float(rho), 1 - np.cos(np.pi / 16) ** 2, rtol=1e-2)
 
 
+def _pointwise_gauss_seidel(matrix, u, f, colours):
+    """Gauss-Seidel one unknown at a time, colour by colour, in row-major order within a colour."""
+    u = u.copy()
+    for c in range(colours.max() + 1):
+        for p in np.flatnonzero(colours == c):
+            u[p] += (f[p] - matrix[p] @ u) / matrix[p, p]
+    return u
+
+
+@pytest.mark.parametrize("make", [lambda: mg.Poisson(8, 1), lambda: mg.Poisson(8, 2),
+                                  lambda: jax.jit(mg.diffusion)(_lognormal(8)).coarsen()])
+def test_gauss_seidel_is_pointwise_gauss_seidel_in_colour_order(make):
+    op = make()
+    size = int(np.prod(op.shape))
+    matrix = np.asarray(jax.vmap(op)(jnp.eye(size).reshape(size, *op.shape))).reshape(size, size)
+    idx = np.indices(op.shape)
+    if isinstance(op, mg.Stencil):  # (0,0) (1,1) (0,1) (1,0): i % 2 == k % 2, (i + j) % 2 == k // 2
+        colours = 2 * (idx.sum(0) % 2) + idx[0] % 2
+    else:
+        colours = idx.sum(0) % 2
+    u, f = _random(op.shape, 0), _random(op.shape, 1)
+    expected = np.asarray(u).ravel()
+    for _ in range(2):
+        expected = _pointwise_gauss_seidel(matrix, expected, np.asarray(f).ravel(), colours.ravel())
+    np.testing.assert_allclose(np.asarray(mg.gauss_seidel(op, u, f, sweeps=2)).ravel(), expected,
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_vcycle_gauss_seidel_factor_is_small_and_h_independent():
     factors = []
     for n in (32, 64, 128, 256, 512):
