@@ -25,3 +25,20 @@ def test_memory_sweep_rejects_unknown_models_and_single_points():
         memory_vs_depth(Config(), "digits", digits, ("densenet",))
     with pytest.raises(ValueError, match="depths and memory_rtols need two values"):
         memory_vs_depth(Config(depths=(4,)), "digits", digits)
+
+
+def test_rnode_is_compared_with_an_unregularised_odenet_at_its_own_tolerance():
+    from experiments.table import classify_config, headline
+
+    cfg = Config(rtol=1e-3, atol=1e-4, rnode_rtol=1e-5, kinetic_weight=3e-4, jacobian_weight=2e-4)
+    odenet, tight, rnode = (classify_config(cfg, "digits", m) for m in ("odenet", "odenet_tight", "rnode"))
+    assert (odenet.rtol, odenet.atol) == (1e-3, 1e-4)
+    assert (tight.rtol, tight.atol, tight.kinetic_weight, tight.jacobian_weight) == (1e-5, 1e-5, 0, 0)
+    assert (rnode.rtol, rnode.atol, rnode.kinetic_weight, rnode.jacobian_weight) == (1e-5, 1e-5, 3e-4, 2e-4)
+    assert tight.model == rnode.model == "odenet"
+    rows = {"odenet": {"test_acc": 0.99, "nfe_forward": 56.0},
+            "odenet_tight": {"test_acc": 0.99, "nfe_forward": 104.0},
+            "rnode": {"test_acc": 0.985, "nfe_forward": 52.0}}
+    out = headline({"digits": rows})
+    assert out["digits_nfe_odenet_over_rnode"] == 2.0
+    assert out["digits_rnode_minus_odenet_acc_points"] == -0.5
