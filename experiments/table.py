@@ -57,8 +57,8 @@ class Config:
     rtol: float = 1e-3
     atol: float = 1e-3
     rnode_rtol: float = 1e-5  # rtol = atol of rnode and of its unregularised twin odenet_tight
-    kinetic_weight: float = 3e-4  # rnode; the sums run over all activations (2048 per digit)
-    jacobian_weight: float = 3e-4
+    kinetic_weight: float = 1e-4  # rnode; the sums run over all activations (2048 per digit)
+    jacobian_weight: float = 1e-4
     epochs_digits: int = 30
     epochs_mnist1d: int = 20
     batch_size: int = 128
