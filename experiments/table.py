@@ -8,11 +8,11 @@ steps of a weight-tied field, backprop), ODE-Net (adaptive Dopri5, continuous ad
 2020). RNODE is compared with an unregularised ODE-Net trained and evaluated at the same, tighter
 tolerance `rnode_rtol` (row `odenet_tight`): at the table's rtol 1e-3 an ODE-Net already takes
 about the fewest steps the controller allows (44 NFE at rtol 1e-1, 56 at 1e-3), so there is nothing
-for a regulariser to save. Columns: test error, parameters, compiled temporary memory of the gradient function
-(`jax.jit(grad).lower(...).compile().memory_analysis().temp_size_in_bytes`, one batch), forward
-and backward NFE, training time. Backward NFE of the adaptive models are counted, not modelled:
-every call of the field in one gradient evaluation fires a `jax.debug.callback`; the forward
-calls of the same loss are subtracted. Fixed-step models report `solve(...).stats`.
+for a regulariser to save. Columns: test error, parameters, compiled temporary memory of the
+gradient function (`jax.jit(grad).lower(...).compile().memory_analysis().temp_size_in_bytes`, one
+batch), forward and backward NFE, training time. Backward NFE of the adaptive models are counted,
+not modelled: every call of the field in one gradient evaluation fires a `jax.debug.callback`; the
+forward calls of the same loss are subtracted. Fixed-step models report `solve(...).stats`.
 
 Memory against depth (the O(L) vs O(1) column of Table 1): the same gradient memory for untrained
 models on the first dataset, ResNet with 1..16 blocks per stage, RK-Net with 1..16 RK4 steps and
@@ -38,6 +38,7 @@ from neuralode.train import classification_loss
 
 MODELS = ("resnet", "plainnet", "rknet", "odenet", "anode", "odenet_tight", "rnode")
 ADAPTIVE = ("odenet", "anode", "odenet_tight", "rnode")
+AT_RNODE_RTOL = ("odenet_tight", "rnode")  # trained and evaluated at rnode_rtol
 LABELS = {"resnet": "ResNet", "plainnet": "PlainNet", "rknet": "RK-Net", "odenet": "ODE-Net",
           "anode": "ANODE", "odenet_tight": "ODE-Net", "rnode": "RNODE"}
 
@@ -69,8 +70,9 @@ class Config:
     seed: int = 0
 
 
-QUICK = {"depths": (1, 4), "memory_rtols": (1e-1, 1e-4), "channels": (8, 16), "blocks": 2, "epochs_digits": 4, "epochs_mnist1d": 3,
-         "rtol": 1e-2, "atol": 1e-2, "rnode_rtol": 1e-3, "learning_rate": 1e-2, "batch_size": 64}
+QUICK = {"depths": (1, 4), "memory_rtols": (1e-1, 1e-4), "channels": (8, 16), "blocks": 2,
+         "epochs_digits": 4, "epochs_mnist1d": 3, "rtol": 1e-2, "atol": 1e-2, "rnode_rtol": 1e-3,
+         "learning_rate": 1e-2, "batch_size": 64}
 
 
 class _Counter:
@@ -131,7 +133,7 @@ def counted_nfe(model: nnx.Module, x, y) -> tuple[int, int]:
 def classify_config(cfg: Config, dataset: str, model: str) -> ClassifyConfig:
     epochs = {"digits": cfg.epochs_digits, "mnist1d": cfg.epochs_mnist1d}[dataset]
     regulariser = model == "rnode"
-    tight = model in ("rnode", "odenet_tight")
+    tight = model in AT_RNODE_RTOL
     rtol, atol = (cfg.rnode_rtol, cfg.rnode_rtol) if tight else (cfg.rtol, cfg.atol)
     return ClassifyConfig(
         out=cfg.out, dataset=dataset, model="odenet" if tight else model,
@@ -218,8 +220,7 @@ def markdown(table: dict) -> str:
         lines += [f"### {dataset}", "", "| model | test error | # params | grad memory | "
                   "NFE fwd | NFE bwd | train time |", "|---|---:|---:|---:|---:|---:|---:|"]
         for model, r in rows.items():
-            tight = model in ("odenet_tight", "rnode")
-            label = LABELS[model] + (f" (rtol {r['rtol']:g})" if tight else "")
+            label = LABELS[model] + (f" (rtol {r['rtol']:g})" if model in AT_RNODE_RTOL else "")
             lines.append(f"| {label} | {100 * (1 - r['test_acc']):.2f} % | "
                          f"{r['params'] / 1e3:.1f} K | {r['grad_memory_bytes'] / 2**20:.2f} MiB "
                          f"| {r['nfe_forward']:.0f} | {r['nfe_backward']:.0f} | "
@@ -251,7 +252,8 @@ def headline(table: dict) -> dict:
                 100 * (rows["odenet"]["test_acc"] - rows["resnet"]["test_acc"]), 2)
         if "odenet_tight" in rows and "rnode" in rows:
             reference, rnode = rows["odenet_tight"], rows["rnode"]
-            out[f"{dataset}_nfe_odenet_over_rnode"] = round(reference["nfe_forward"] / rnode["nfe_forward"], 3)
+            out[f"{dataset}_nfe_odenet_over_rnode"] = round(
+                reference["nfe_forward"] / rnode["nfe_forward"], 3)
             out[f"{dataset}_rnode_minus_odenet_acc_points"] = round(
                 100 * (rnode["test_acc"] - reference["test_acc"]), 2)
     return out

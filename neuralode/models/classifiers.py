@@ -240,8 +240,8 @@ class ODENet(_Classifier):
 
     RNODE: with `kinetic_weight` or `jacobian_weight` > 0 the training-mode forward integrates the
     regularisers alongside y and reports `regularisation = kinetic_weight * mean K + jacobian_weight
-    * mean J` in its stats; `neuralode.train.classification_loss` adds it to the loss. In eval mode (`model.eval()`,
-    as `train` leaves it) only y is integrated.
+    * mean J` in its stats; `neuralode.train.classification_loss` adds it to the loss. In eval mode
+    (`model.eval()`, as `train` leaves it) only y is integrated.
     """
 
     def __init__(self, in_channels: int, num_classes: int, *, channels: Sequence[int] = (32, 64),
