@@ -91,7 +91,7 @@ class MultigridUNet(nnx.Module):
         pre, post = self.pre_omega[level].astype(f.dtype), self.post_omega[level].astype(f.dtype)
         for s in range(self.nu1):
             u = self.smoothing_block(op, u, f, pre[s])
-        coarse_f = mg.restrict(f - op(u), self.restriction[level].astype(f.dtype))
+        coarse_f = mg.restrict(mg.residual(op, u, f), self.restriction[level].astype(f.dtype))
         coarse_e = self.v_cycle(ops, jnp.zeros_like(coarse_f), coarse_f, level + 1)
         u = u + mg.prolong(coarse_e, self.prolongation[level].astype(f.dtype))  # long skip + correction
         for s in range(self.nu2):
