@@ -81,7 +81,8 @@ class Poisson(eqx.Module):
         return out * float(self.n**2)
 
     def apply_padded(self, up):
-        """A u from u padded with one zero layer (the boundary values): neighbours are slices of up."""
+        """A u from u padded with one zero layer (the boundary values), neighbours as slices of it;
+        `__call__` shifts u instead, which fuses better into elementwise consumers (see `residual`)."""
         inner = (slice(1, -1),) * self.ndim
         out = 2 * self.ndim * up[inner]
         for axis in range(self.ndim):
@@ -120,6 +121,7 @@ class Stencil(eqx.Module):
         return sum(w[..., a, b] * _shift(_shift(u, 0, a - 1), 1, b - 1) for a in range(3) for b in range(3))
 
     def apply_padded(self, up):
+        """A u from u padded with one zero layer (see `residual`)."""
         w, m = self.weights.astype(up.dtype), self.n - 1
         return sum(w[..., a, b] * up[a:a + m, b:b + m] for a in range(3) for b in range(3))
 
@@ -308,8 +310,8 @@ def residual(op, u, f):
     """f - A u, computed from a zero-padded copy of u so that every neighbour is a plain slice.
 
     The restriction reads the residual with stride 2 and XLA fuses the two; with shifted
-    concatenations (`_shift`) it would first materialise four shifted copies of u (measured 4x
-    slower at 2047^2, where they fall out of cache; bench_multigrid).
+    concatenations (`_shift`) it would first materialise four shifted copies of u (about 4x
+    slower at 2047^2, where they fall out of cache).
     """
     return f - op.apply_padded(jnp.pad(u, 1))
 
