@@ -275,7 +275,7 @@ def run(cfg: Config) -> dict:
             write_json(Path(cfg.out) / "table_partial.json", table)  # rows so far
     memory = memory_vs_depth(cfg, cfg.datasets[0], datasets[cfg.datasets[0]])
     plot_memory(cfg, memory)
-    (Path(cfg.out) / "table.md").write_text(markdown(table) + memory_markdown(memory))
+    (Path(cfg.out) / "table.md").write_text(markdown(table) + "\n" + memory_markdown(memory))
     summary = headline(table)
     summary.update({f"memory_growth_{name}": round(g, 2) for name, g in memory["memory_growth"].items()})
     return {"headline": summary, **table, "memory_vs_depth": memory}
