@@ -18,9 +18,14 @@ Memory against depth (the O(L) vs O(1) column of Table 1): the same gradient mem
 models on the first dataset, ResNet with 1..16 blocks per stage, RK-Net with 1..16 RK4 steps and
 ODE-Net (continuous adjoint) with rtol tightened from 1e-1 to 1e-6, against forward NFE.
 
+Tolerance sweep (where both RNODE and its twin were trained): the two trained nets evaluated at
+every rtol = atol of `sweep_rtols`, test accuracy and forward NFE, to see whether the regularised
+flow is cheaper at every tolerance or only at the one it was trained at.
+
 Writes `DIR/table.json` ({dataset: {model: {test_acc, params, grad_memory_bytes, nfe_forward,
-nfe_backward, train_s}}, "memory_vs_depth": {model: [rows]}}), `DIR/table.md`,
-`DIR/table_memory.png`, and each run's workdir and curves under DIR.
+nfe_backward, train_s}}, "memory_vs_depth": {model: [rows]}, "rnode_sweep": {dataset: ...}}),
+`DIR/table.md`, `DIR/table_memory.png`, `DIR/table_rnode_<dataset>.png`, and each run's workdir
+and curves under DIR.
 """
 from __future__ import annotations
 
@@ -29,11 +34,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from experiments.classify import Config as ClassifyConfig
 from experiments.classify import build_model, forward_stats, load, train_one
 from experiments.common import main, save_figure, write_json
+from neuralode.data import batches
 from neuralode.train import classification_loss
 
 MODELS = ("resnet", "plainnet", "rknet", "odenet", "anode", "odenet_tight", "rnode")
@@ -67,10 +74,12 @@ class Config:
     measure_batch: int = 128
     depths: tuple[int, ...] = (1, 2, 4, 8, 16)  # memory vs depth: blocks (ResNet), RK4 steps
     memory_rtols: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)  # ... and ODE-Net rtol
+    sweep_rtols: tuple[float, ...] = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)  # rnode vs odenet_tight, evaluated
     seed: int = 0
 
 
-QUICK = {"depths": (1, 4), "memory_rtols": (1e-1, 1e-4), "channels": (8, 16), "blocks": 2,
+QUICK = {"depths": (1, 4), "memory_rtols": (1e-1, 1e-4), "sweep_rtols": (1e-2, 1e-4),
+         "channels": (8, 16), "blocks": 2,
          "epochs_digits": 4, "epochs_mnist1d": 3, "rtol": 1e-2, "atol": 1e-2, "rnode_rtol": 1e-3,
          "learning_rate": 1e-2, "batch_size": 64}
 
@@ -145,7 +154,8 @@ def classify_config(cfg: Config, dataset: str, model: str) -> ClassifyConfig:
         stem_kernel_size=5 if dataset == "mnist1d" else 3, progress=False)
 
 
-def evaluate_row(cfg: Config, dataset_name: str, model_name: str, dataset) -> dict:
+def evaluate_row(cfg: Config, dataset_name: str, model_name: str, dataset) -> tuple[dict, nnx.Module]:
+    """Train (or resume) one row and measure it; returns the row and the trained model."""
     name = f"table_{dataset_name}_{model_name}"
     ccfg = classify_config(cfg, dataset_name, model_name)
     resume = cfg.resume and (Path(cfg.out) / name / "checkpoints").is_dir()
@@ -163,7 +173,57 @@ def evaluate_row(cfg: Config, dataset_name: str, model_name: str, dataset) -> di
     if model_name in ADAPTIVE:
         row["rtol"] = ccfg.rtol
     print(f"{dataset_name} {model_name}: {row}", flush=True)
-    return row
+    return row, model
+
+
+def held_out_accuracy(model: nnx.Module, dataset, batch_size: int = 1000) -> float:
+    """Accuracy of the eval-mode `model` on the whole test split."""
+    model.eval()
+    predict = nnx.jit(lambda m, x: jnp.argmax(m(x), axis=-1))
+    correct = sum(int(np.sum(np.asarray(predict(model, x)) == y))
+                  for x, y in batches(dataset.x_test, dataset.y_test, batch_size))
+    return correct / len(dataset.y_test)
+
+
+def tolerance_sweep(cfg: Config, dataset, models: dict[str, nnx.Module]) -> dict:
+    """Test accuracy and forward NFE (first `measure_batch` test examples, as in the table) of the
+    trained adaptive `models` evaluated at every rtol = atol of `cfg.sweep_rtols`, and the NFE
+    ratio of `odenet_tight` over `rnode` at each tolerance where both are given."""
+    if len(cfg.sweep_rtols) < 1 or not all(r > 0 for r in cfg.sweep_rtols):
+        raise ValueError(f"sweep_rtols: expected positive tolerances, got {cfg.sweep_rtols}")
+    x = jnp.asarray(dataset.x_test[:cfg.measure_batch])
+    rows = {}
+    for name, model in models.items():
+        rows[name] = []
+        for rtol in cfg.sweep_rtols:
+            clone = nnx.clone(model)
+            clone.rtol = clone.atol = float(rtol)
+            rows[name].append({"rtol": rtol, "test_acc": held_out_accuracy(clone, dataset),
+                               "nfe_forward": forward_stats(clone, x)["nfe"]})
+    out = {"rtols": list(cfg.sweep_rtols), "rows": rows}
+    if {"odenet_tight", "rnode"} <= set(rows):
+        out["nfe_odenet_over_rnode"] = [a["nfe_forward"] / b["nfe_forward"] for a, b in
+                                        zip(rows["odenet_tight"], rows["rnode"])]
+    return out
+
+
+def plot_sweep(cfg: Config, dataset_name: str, sweep: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, rows in sweep["rows"].items():
+        rtols = [r["rtol"] for r in rows]
+        axes[0].plot(rtols, [r["nfe_forward"] for r in rows], marker="o", label=LABELS[name])
+        axes[1].plot(rtols, [100 * r["test_acc"] for r in rows], marker="o", label=LABELS[name])
+    axes[0].set(xscale="log", yscale="log", xlabel="evaluation rtol = atol",
+                ylabel="field evaluations per forward pass")
+    axes[1].set(xscale="log", xlabel="evaluation rtol = atol", ylabel="test accuracy (%)")
+    for ax in axes:
+        ax.invert_xaxis()
+        ax.legend()
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(f"RNODE vs ODE-Net on {dataset_name}, both trained at rtol {cfg.rnode_rtol:g}")
+    save_figure(cfg, fig, f"table_rnode_{dataset_name}")
 
 
 def memory_vs_depth(cfg: Config, dataset_name: str, dataset,
@@ -240,6 +300,21 @@ def memory_markdown(memory: dict) -> str:
     return "\n".join(lines + [""])
 
 
+def sweep_markdown(dataset_name: str, sweep: dict) -> str:
+    names = list(sweep["rows"])
+    lines = [f"### RNODE vs ODE-Net on {dataset_name}, evaluated at other tolerances", "",
+             "| rtol | " + " | ".join(f"{LABELS[n]} acc | {LABELS[n]} NFE" for n in names)
+             + (" | NFE ratio |" if "nfe_odenet_over_rnode" in sweep else " |"),
+             "|---:|" + "---:|---:|" * len(names) + ("---:|" if "nfe_odenet_over_rnode" in sweep else "")]
+    for i, rtol in enumerate(sweep["rtols"]):
+        cells = [f"{100 * sweep['rows'][n][i]['test_acc']:.1f} % | {sweep['rows'][n][i]['nfe_forward']:.0f}"
+                 for n in names]
+        ratio = (f" | {sweep['nfe_odenet_over_rnode'][i]:.2f}x" if "nfe_odenet_over_rnode" in sweep
+                 else "")
+        lines.append(f"| {rtol:g} | " + " | ".join(cells) + ratio + " |")
+    return "\n".join(lines + [""])
+
+
 def headline(table: dict) -> dict:
     out = {}
     for dataset, rows in table.items():
@@ -266,19 +341,29 @@ def run(cfg: Config) -> dict:
     bad = sorted(set(cfg.datasets) - {"digits", "mnist1d"})
     if bad:
         raise ValueError(f"datasets: {bad} not supported, expected digits and/or mnist1d")
-    table, datasets = {}, {}
+    table, datasets, sweeps = {}, {}, {}
     for dataset_name in cfg.datasets:
         dataset = datasets[dataset_name] = load(ClassifyConfig(dataset=dataset_name))
-        table[dataset_name] = {}
+        table[dataset_name], trained = {}, {}
         for model_name in cfg.models:
-            table[dataset_name][model_name] = evaluate_row(cfg, dataset_name, model_name, dataset)
+            row, model = evaluate_row(cfg, dataset_name, model_name, dataset)
+            table[dataset_name][model_name] = row
+            if model_name in AT_RNODE_RTOL:
+                trained[model_name] = model
             write_json(Path(cfg.out) / "table_partial.json", table)  # rows so far
+        if len(trained) == len(AT_RNODE_RTOL):
+            sweeps[dataset_name] = tolerance_sweep(cfg, dataset, trained)
+            plot_sweep(cfg, dataset_name, sweeps[dataset_name])
     memory = memory_vs_depth(cfg, cfg.datasets[0], datasets[cfg.datasets[0]])
     plot_memory(cfg, memory)
-    (Path(cfg.out) / "table.md").write_text(markdown(table) + "\n" + memory_markdown(memory))
+    sweep_md = "".join("\n" + sweep_markdown(name, sweep) for name, sweep in sweeps.items())
+    (Path(cfg.out) / "table.md").write_text(markdown(table) + "\n" + memory_markdown(memory) + sweep_md)
     summary = headline(table)
     summary.update({f"memory_growth_{name}": round(g, 2) for name, g in memory["memory_growth"].items()})
-    return {"headline": summary, **table, "memory_vs_depth": memory}
+    for dataset_name, sweep in sweeps.items():
+        summary[f"{dataset_name}_sweep_nfe_odenet_over_rnode"] = [
+            round(r, 2) for r in sweep["nfe_odenet_over_rnode"]]
+    return {"headline": summary, **table, "memory_vs_depth": memory, "rnode_sweep": sweeps}
 
 
 if __name__ == "__main__":

@@ -42,3 +42,24 @@ def test_rnode_is_compared_with_an_unregularised_odenet_at_its_own_tolerance():
     out = headline({"digits": rows})
     assert out["digits_nfe_odenet_over_rnode"] == 2.0
     assert out["digits_rnode_minus_odenet_acc_points"] == -0.5
+
+
+def test_tolerance_sweep_reevaluates_trained_nets_at_each_rtol():
+    """The sweep evaluates clones at each tolerance: NFE grow as rtol tightens, the model itself
+    keeps its rtol, accuracy is that of the whole test split, and one net against itself is 1x."""
+    import numpy as np
+
+    from experiments.classify import build_model
+    from experiments.table import held_out_accuracy, tolerance_sweep
+
+    digits = load(ClassifyConfig(dataset="digits"))
+    small = digits._replace(x_test=digits.x_test[:64], y_test=digits.y_test[:64])
+    model = build_model(ClassifyConfig(model="odenet", channels=(4, 8), rtol=1e-3, atol=1e-3), small)
+    sweep = tolerance_sweep(Config(sweep_rtols=(1e-2, 1e-6), measure_batch=16), small,
+                            {"odenet_tight": model, "rnode": model})
+    assert (model.rtol, model.atol) == (1e-3, 1e-3)
+    loose, tight = sweep["rows"]["rnode"]
+    assert tight["nfe_forward"] > loose["nfe_forward"] >= 2 * 7  # two stages, one Dopri5 step each
+    assert sweep["nfe_odenet_over_rnode"] == [1.0, 1.0]
+    logits = np.asarray(model(small.x_test))
+    assert held_out_accuracy(model, small) == np.mean(np.argmax(logits, -1) == small.y_test)
