@@ -1,5 +1,6 @@
 """Benchmark: our jit-compiled geometric multigrid vs pyamg (Ruge-Stuben AMG) and scipy's sparse direct
-solve on 2-D Poisson, O(N) scaling, and how close a smoothing sweep runs to memory bandwidth.
+solve on 2-D Poisson, O(N) scaling, what one cycle spends per unknown on each level of the
+hierarchy, and how close a smoothing sweep runs to memory bandwidth.
 
 All sides solve -Laplace u = f (5-point, Dirichlet) with (n-1)^2 unknowns to ||f - A u|| <= rtol ||f||
 in float64. Ours: V(2,1) red-black Gauss-Seidel cycles from u = 0 (compile time excluded and
@@ -119,6 +120,31 @@ def scaling(cfg: Config) -> dict:
             "float64": out["float64"]}
 
 
+def level_costs(cfg: Config) -> dict:
+    """What one V-cycle spends on each level's own work: the cycle started at level k minus the
+    cycle started at level k + 1, per unknown of level k, on the hierarchy of the largest size.
+
+    The work per unknown is the same on every level (the same sweeps and transfers), so where these
+    times differ, the machine (caches, threads, XLA's fixed cost per operation) is what differs."""
+    dtype = jnp.dtype(cfg.cycle_dtype)
+    levels = jax.tree.map(lambda w: w.astype(dtype), mg.hierarchy(mg.Poisson(max(cfg.sizes))))
+    fns, args = {}, {}
+    for k, op in enumerate(levels):
+        fns[k] = jax.jit(lambda f, k=k: mg.cycle(levels, jnp.zeros_like(f), f, level=k))
+        args[k] = (jnp.asarray(np.random.default_rng(k).standard_normal(op.shape), dtype),)
+    number = {k: min(256, max(1, (levels[0].n // op.n) ** 2)) for k, op in enumerate(levels)}
+    compiled, _ = compile_all(fns, args)
+    times = time_alternating(blocking_calls(compiled, args), cfg.repeats, number, warmup=True,
+                             desc="timing cycle levels")
+    rows = {}
+    for k, op in enumerate(levels):
+        below = times[k + 1]["run_s"] if k + 1 < len(levels) else 0.0
+        own = times[k]["run_s"] - below
+        rows[op.n] = {"cycle_from_here_s": times[k]["run_s"], "own_s": own,
+                      "own_per_unknown_s": own / (op.n - 1) ** 2}
+    return {"cycle_dtype": cfg.cycle_dtype, "levels": rows}
+
+
 def bandwidth(cfg: Config) -> dict:
     """Effective bytes of a sweep (read u and f, write u: 24 bytes per unknown) / time, over the
     bandwidth of u + 1 on the same array (read u, write a copy: 16 bytes per unknown); the three are
@@ -146,6 +172,7 @@ def run(cfg: Config) -> dict:
     jax.config.update("jax_enable_x64", True)
     h2h = head_to_head(cfg)
     scale = scaling(cfg)
+    levels = level_costs(cfg)
     bw = bandwidth(cfg)
     print(f"n={cfg.n}: ours {h2h['ours_s']:.3f} s ({h2h['ours_cycles']} cycles, {cfg.cycle_dtype} cycles; "
           f"float64 cycles {h2h['ours_float64_s']:.3f} s), pyamg {h2h['pyamg_s']:.3f} s, "
@@ -154,6 +181,8 @@ def run(cfg: Config) -> dict:
     print("time per unknown (ns):", {n: round(r["time_per_unknown_s"] * 1e9, 2) for n, r in scale["sizes"].items()},
           f"linearity = {scale['linearity']:.2f} (float64 cycles: {scale['float64']['linearity']:.2f}); cycles:",
           {n: r["cycles"] for n, r in scale["sizes"].items()})
+    print("one cycle's own work per level (ns per unknown):",
+          {n: round(r["own_per_unknown_s"] * 1e9, 2) for n, r in levels["levels"].items() if n >= 64})
     print(f"copy {bw['copy_GBps']:.2f} GB/s; sweep bandwidth fraction: jacobi {bw['jacobi']['bandwidth_fraction']:.2f},"
           f" red-black GS {bw['gauss_seidel']['bandwidth_fraction']:.2f}")
 
@@ -172,7 +201,8 @@ def run(cfg: Config) -> dict:
     if "vs_spsolve" in h2h:
         headline["vs_spsolve"] = h2h["vs_spsolve"]
     return {"head_to_head": h2h, "vs_pyamg": h2h["vs_pyamg"], "vs_spsolve": h2h.get("vs_spsolve"),
-            "time_per_unknown": scale, "linearity": scale["linearity"], "bandwidth": bw,
+            "time_per_unknown": scale, "linearity": scale["linearity"], "level_costs": levels,
+            "bandwidth": bw,
             "bandwidth_fraction": bw["bandwidth_fraction"], "device": str(jax.devices()[0]),
             "headline": headline}
 
