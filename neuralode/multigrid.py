@@ -36,12 +36,23 @@ def _check_size(name: str, n) -> int:
 
 
 def _check_field(name: str, x, shape: tuple[int, ...]):
+    """x as an array, after the static checks (shape, floating dtype); `_finite` checks values."""
     x = jnp.asarray(x)
     if x.shape != shape:
         raise ValueError(f"{name} must have shape {shape} (the operator's interior grid), got {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-    return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), f"{name} must be finite (found NaN or inf)")
+    return x
+
+
+def _finite(carrier, **fields):
+    """`carrier`, with a run-time error unless every named field is finite (`equinox.error_if`).
+
+    The check should ride on a small array that every result depends on: put on a grid-sized
+    array, error_if copies it (15 ms of a 0.43 s solve at 2047^2 in float64)."""
+    for name, x in fields.items():
+        carrier = eqx.error_if(carrier, ~jnp.all(jnp.isfinite(x)), f"{name} must be finite (found NaN or inf)")
+    return carrier
 
 
 def _shift(u, axis: int, offset: int):
@@ -370,6 +381,7 @@ def fmg(levels, f, nu1: int = 2, nu2: int = 1, smoother: str = "gauss_seidel", o
     rhs = [f]
     for _ in levels[1:]:
         rhs.append(restrict(rhs[-1]))
+    rhs[-1] = _finite(rhs[-1], f=f)  # every level's result depends on the coarsest one
     u = rhs[-1] / levels[-1].diagonal(f.dtype)
     for level in range(len(levels) - 2, -1, -1):
         u = prolong(u)
@@ -400,7 +412,7 @@ def solve(op, f, u0=None, *, kind: str = "V", nu1: int = 2, nu2: int = 1,
     et al., SISC 2021).
     """
     f = _check_field("f", f, op.shape)
-    u0 = jnp.zeros_like(f) if u0 is None else _check_field("u0", u0, op.shape).astype(f.dtype)
+    given = {} if u0 is None else {"u0": _check_field("u0", u0, op.shape).astype(f.dtype)}
     _check_cycle(kind, smoother, nu1, nu2)
     if not isinstance(max_cycles, int) or max_cycles < 1:
         raise ValueError(f"max_cycles must be a positive int, got {max_cycles!r}")
@@ -411,8 +423,9 @@ def solve(op, f, u0=None, *, kind: str = "V", nu1: int = 2, nu2: int = 1,
     if not jnp.issubdtype(cdtype, jnp.floating):
         raise TypeError(f"cycle_dtype must be a floating-point dtype, got {cdtype}")
     levels = jax.tree.map(lambda w: w.astype(cdtype), hierarchy(op, galerkin))
-    fnorm = jnp.linalg.norm(f)
-    r0 = (f - op(u0)).astype(cdtype)
+    fnorm = _finite(jnp.linalg.norm(f), f=f, **given)  # the stopping test reads fnorm
+    u0 = given.get("u0", jnp.zeros_like(f))
+    r0 = (f - op(u0) if given else f).astype(cdtype)
     norm = lambda r: jnp.sqrt(jnp.sum(jnp.square(r.astype(f.dtype))))
     history = jnp.full((max_cycles + 1,), jnp.nan, f.dtype).at[0].set(norm(r0) / fnorm)
 

@@ -280,5 +280,9 @@ def test_bad_input_is_named():
     bad = jnp.ones((31, 31)).at[2, 2].set(jnp.nan)
     with pytest.raises(Exception, match="f must be finite"):
         jax.jit(lambda f: mg.solve(op, f).u)(bad)
+    with pytest.raises(Exception, match="u0 must be finite"):
+        jax.jit(lambda u0: mg.solve(op, jnp.ones((31, 31)), u0).u)(bad)
+    with pytest.raises(Exception, match="f must be finite"):
+        jax.jit(lambda f: mg.fmg(mg.hierarchy(op), f))(bad)
     with pytest.raises(Exception, match="a must be positive"):
         jax.jit(lambda a: mg.diffusion(a).weights)(-jnp.ones((16, 16)))
