@@ -11,10 +11,15 @@ pyamg: `ruge_stuben_solver(A)` setup + `solve(b, tol=rtol)` (its default V-cycle
 acceleration), timed together as the issue asks. scipy: `spsolve` (SuperLU). Timings are medians over
 repeats run in alternation, so machine load hits both alike. pyamg and scipy are dev-only
 dependencies and are imported here only.
+
+`--cores 1` pins the process to one core. With more, XLA:CPU splits the operations of large grids
+across the cores and runs those of small grids on one, paying its dispatch cost; the time per
+unknown then mixes the algorithm's scaling with the thread scaling, which `level_costs` shows.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import jax
@@ -38,6 +43,8 @@ class Config:
     bandwidth_n: int = 2048
     cycle_dtype: str = dataclasses.field(default="float32", metadata={
         "choices": ("float32", "float64"), "help": "dtype of the cycles inside the float64 correction"})
+    cores: int = dataclasses.field(default=0, metadata={
+        "help": "pin the process to this many cores before JAX starts (0: every core it may use)"})
 
 
 QUICK = {"n": 256, "sizes": (64, 128, 256, 512), "repeats": 3}
@@ -168,7 +175,19 @@ def bandwidth(cfg: Config) -> dict:
     return out
 
 
+def pin_cores(cores: int) -> int:
+    """Restrict this process to its first `cores` allowed cores (0: leave it), before XLA sizes its
+    thread pool; returns the number of cores the process may use."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if not isinstance(cores, int) or not 0 <= cores <= len(allowed):
+        raise ValueError(f"cores must be an int from 0 to {len(allowed)} (this machine), got {cores!r}")
+    if cores:
+        os.sched_setaffinity(0, allowed[:cores])
+    return len(os.sched_getaffinity(0))
+
+
 def run(cfg: Config) -> dict:
+    cores = pin_cores(cfg.cores)
     jax.config.update("jax_enable_x64", True)
     h2h = head_to_head(cfg)
     scale = scaling(cfg)
@@ -196,7 +215,8 @@ def run(cfg: Config) -> dict:
     ax.set(xscale="log", xlabel="unknowns", ylabel="ns per unknown", ylim=(0, None),
            title=f"V(2,1) to rtol {cfg.rtol:g}: linearity {scale['linearity']:.2f}")
     save_figure(cfg, fig, "bench_multigrid_scaling")
-    headline = {"vs_pyamg (goal <= 0.25)": h2h["vs_pyamg"], "linearity (goal <= 1.5)": scale["linearity"],
+    headline = {"cores": cores, "vs_pyamg (goal <= 0.25)": h2h["vs_pyamg"],
+                "linearity (goal <= 1.5)": scale["linearity"],
                 "bandwidth_fraction (goal >= 0.3)": bw["bandwidth_fraction"], "ours_s": h2h["ours_s"]}
     if "vs_spsolve" in h2h:
         headline["vs_spsolve"] = h2h["vs_spsolve"]
@@ -204,6 +224,7 @@ def run(cfg: Config) -> dict:
             "time_per_unknown": scale, "linearity": scale["linearity"], "level_costs": levels,
             "bandwidth": bw,
             "bandwidth_fraction": bw["bandwidth_fraction"], "device": str(jax.devices()[0]),
+            "cores": cores,
             "headline": headline}
 
 
