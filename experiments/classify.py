@@ -100,7 +100,12 @@ def forward_stats(model: nnx.Module, x: np.ndarray) -> dict[str, float]:
     """The statistics of one evaluation-mode forward pass over the batch `x`: `nfe` (field
     evaluations of all stages) and, for the fixed-step models, `nfe_backward` (those of backprop)."""
     model.eval()
-    return {k: float(v) for k, v in nnx.jit(lambda m, x: m.forward(x)[1])(model, x).items()}
+    return {k: float(v) for k, v in _forward_stats(model, x).items()}
+
+
+@nnx.jit
+def _forward_stats(model: nnx.Module, x):  # one function, so equal models share its compilation
+    return model.forward(x)[1]
 
 
 def load(cfg: Config) -> Dataset:
