@@ -178,12 +178,15 @@ def bandwidth(cfg: Config) -> dict:
 def pin_cores(cores: int) -> int:
     """Restrict this process to its first `cores` allowed cores (0: leave it), before XLA sizes its
     thread pool; returns the number of cores the process may use."""
+    if cores == 0:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("cores: pinning needs os.sched_setaffinity (Linux); use cores=0 here")
     allowed = sorted(os.sched_getaffinity(0))
-    if not isinstance(cores, int) or not 0 <= cores <= len(allowed):
+    if not isinstance(cores, int) or not 0 < cores <= len(allowed):
         raise ValueError(f"cores must be an int from 0 to {len(allowed)} (this machine), got {cores!r}")
-    if cores:
-        os.sched_setaffinity(0, allowed[:cores])
-    return len(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, allowed[:cores])
+    return cores
 
 
 def run(cfg: Config) -> dict:

@@ -49,7 +49,7 @@ def _finite(carrier, **fields):
     """`carrier`, with a run-time error unless every named field is finite (`equinox.error_if`).
 
     The check should ride on a small array that every result depends on: put on a grid-sized
-    array, error_if copies it (15 ms of a 0.43 s solve at 2047^2 in float64)."""
+    array, error_if copies it (23 ms of a 0.44 s solve at 2047^2, float32 cycles, one core)."""
     for name, x in fields.items():
         carrier = eqx.error_if(carrier, ~jnp.all(jnp.isfinite(x)), f"{name} must be finite (found NaN or inf)")
     return carrier

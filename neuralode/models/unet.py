@@ -103,8 +103,9 @@ class MultigridUNet(nnx.Module):
             raise ValueError(f"operator must be a 2-D operator on the grid with n = {self.n}, "
                              f"got ndim={operator.ndim}, n={operator.n}")
         f = mg._check_field("f", f, operator.shape)
-        u0 = jnp.zeros_like(f) if u0 is None else mg._check_field("u0", u0, operator.shape).astype(f.dtype)
-        f = mg._finite(f, f=f, u0=u0)
+        given = {} if u0 is None else {"u0": mg._check_field("u0", u0, operator.shape).astype(f.dtype)}
+        f = mg._finite(f, f=f, **given)  # every cycle reads f (grids here are small: no copy to avoid)
+        u0 = given.get("u0", jnp.zeros_like(f))
         ops = self.operators(operator)
         cycles = self.cycles if cycles is None else cycles
         return jax.lax.fori_loop(0, cycles, lambda _, u: self.v_cycle(ops, u, f), u0)
