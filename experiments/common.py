@@ -41,7 +41,7 @@ def short_name(module_name: str) -> str:
 def parse_config(config_cls, quick_overrides: dict, argv: list[str] | None, prog: str, doc: str | None):
     """Build argparse flags from the dataclass fields; apply `quick_overrides` under --quick."""
     parser = argparse.ArgumentParser(prog=prog, description=doc,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         flag = "--" + field.name.replace("_", "-")

@@ -30,12 +30,16 @@ def test_memory_sweep_rejects_unknown_models_and_single_points():
 def test_rnode_is_compared_with_an_unregularised_odenet_at_its_own_tolerance():
     from experiments.table import classify_config, headline
 
-    cfg = Config(rtol=1e-3, atol=1e-4, rnode_rtol=1e-5, kinetic_weight=3e-4, jacobian_weight=2e-4)
+    cfg = Config(rtol=1e-3, atol=1e-4, rnode_rtol=1e-5, rnode_weight=3e-4,
+                 epochs_mnist1d=20, rnode_epochs_mnist1d=40)
     odenet, tight, rnode = (classify_config(cfg, "digits", m) for m in ("odenet", "odenet_tight", "rnode"))
     assert (odenet.rtol, odenet.atol) == (1e-3, 1e-4)
     assert (tight.rtol, tight.atol, tight.kinetic_weight, tight.jacobian_weight) == (1e-5, 1e-5, 0, 0)
-    assert (rnode.rtol, rnode.atol, rnode.kinetic_weight, rnode.jacobian_weight) == (1e-5, 1e-5, 3e-4, 2e-4)
+    assert (rnode.rtol, rnode.atol, rnode.kinetic_weight, rnode.jacobian_weight) == (1e-5, 1e-5, 3e-4, 3e-4)
     assert tight.model == rnode.model == "odenet"
+    odenet, tight, rnode = (classify_config(cfg, "mnist1d", m) for m in ("odenet", "odenet_tight", "rnode"))
+    assert (odenet.epochs, tight.epochs, rnode.epochs) == (20, 40, 40)
+    assert (tight.kinetic_weight, rnode.kinetic_weight, rnode.jacobian_weight) == (0, 3e-4, 3e-4)
     rows = {"odenet": {"test_acc": 0.99, "nfe_forward": 56.0},
             "odenet_tight": {"test_acc": 0.99, "nfe_forward": 104.0},
             "rnode": {"test_acc": 0.985, "nfe_forward": 52.0}}
@@ -45,21 +49,31 @@ def test_rnode_is_compared_with_an_unregularised_odenet_at_its_own_tolerance():
 
 
 def test_tolerance_sweep_reevaluates_trained_nets_at_each_rtol():
-    """The sweep evaluates clones at each tolerance: NFE grow as rtol tightens, the model itself
-    keeps its rtol, accuracy is that of the whole test split, and one net against itself is 1x."""
+    """The sweep evaluates clones at each tolerance: NFE grow as rtol tightens, the models keep
+    their rtol, accuracy is that of the whole test split, and the ratio is odenet_tight / rnode."""
+    import dataclasses
+
     import numpy as np
+    from flax import nnx
 
     from experiments.classify import build_model
     from experiments.table import held_out_accuracy, tolerance_sweep
 
     digits = load(ClassifyConfig(dataset="digits"))
     small = digits._replace(x_test=digits.x_test[:64], y_test=digits.y_test[:64])
-    model = build_model(ClassifyConfig(model="odenet", channels=(4, 8), rtol=1e-3, atol=1e-3), small)
-    sweep = tolerance_sweep(Config(sweep_rtols=(1e-2, 1e-6), measure_batch=16), small,
-                            {"odenet_tight": model, "rnode": model})
-    assert (model.rtol, model.atol) == (1e-3, 1e-3)
-    loose, tight = sweep["rows"]["rnode"]
-    assert tight["nfe_forward"] > loose["nfe_forward"] >= 2 * 7  # two stages, one Dopri5 step each
-    assert sweep["nfe_odenet_over_rnode"] == [1.0, 1.0]
+    base = ClassifyConfig(model="odenet", channels=(4, 8), rtol=1e-3, atol=1e-3)
+    models = {"odenet_tight": build_model(base, small),
+              "rnode": build_model(dataclasses.replace(base, seed=1), small)}
+    sweep = tolerance_sweep(Config(sweep_rtols=(1e-2, 1e-6), batch_size=16), small, models)
+    for name, model in models.items():
+        assert (model.rtol, model.atol) == (1e-3, 1e-3)
+        loose, tight = sweep["rows"][name]
+        assert tight["nfe_forward"] > loose["nfe_forward"] >= 2 * 7  # two stages, >= 1 step each
+        clone = nnx.clone(model)
+        clone.rtol = clone.atol = 1e-6
+        assert tight["test_acc"] == held_out_accuracy(clone, small, batch_size=24)
+    assert sweep["nfe_odenet_over_rnode"] == [
+        a["nfe_forward"] / b["nfe_forward"] for a, b in zip(sweep["rows"]["odenet_tight"], sweep["rows"]["rnode"])]
+    model = models["rnode"]
     logits = np.asarray(model(small.x_test))
-    assert held_out_accuracy(model, small) == np.mean(np.argmax(logits, -1) == small.y_test)
+    assert held_out_accuracy(model, small, batch_size=24) == np.mean(np.argmax(logits, -1) == small.y_test)
