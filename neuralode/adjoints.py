@@ -131,8 +131,9 @@ class AbstractAdjoint(abc.ABC):
         """The states at `ts` of a fixed-step solve, differentiable by this adjoint's method."""
 
     @abc.abstractmethod
-    def diffrax_adjoint(self) -> diffrax.AbstractAdjoint:
-        """The diffrax adjoint used with the adaptive solvers."""
+    def diffrax_adjoint(self, backward_controller=None) -> diffrax.AbstractAdjoint:
+        """The diffrax adjoint used with the adaptive solvers; `backward_controller` is the step
+        controller of a backwards adjoint solve (None: the forward one)."""
 
     @abc.abstractmethod
     def backward_evaluations(self, forward_evaluations: int) -> int:
@@ -146,7 +147,7 @@ class DiscreteAdjoint(AbstractAdjoint):
     def integrate(self, dynamics, solver, y0, ts, args, substeps):
         return fixed_step_loop(dynamics, solver, y0, ts, args, substeps)
 
-    def diffrax_adjoint(self):
+    def diffrax_adjoint(self, backward_controller=None):
         return diffrax.RecursiveCheckpointAdjoint()
 
     def backward_evaluations(self, forward_evaluations):
@@ -169,7 +170,7 @@ class CheckpointAdjoint(AbstractAdjoint):
 
         return fixed_step_loop(dynamics, solver, y0, ts, args, substeps, scan)
 
-    def diffrax_adjoint(self):
+    def diffrax_adjoint(self, backward_controller=None):
         return diffrax.RecursiveCheckpointAdjoint(checkpoints=self.segments)
 
     def backward_evaluations(self, forward_evaluations):
@@ -198,8 +199,10 @@ class BacksolveAdjoint(AbstractAdjoint):
         return _backsolve(func, solver, substeps, y0, ts, args, dynamics.tied, dynamics.stacked,
                           consts)
 
-    def diffrax_adjoint(self):
-        return diffrax.BacksolveAdjoint()
+    def diffrax_adjoint(self, backward_controller=None):
+        if backward_controller is None:
+            return diffrax.BacksolveAdjoint()
+        return diffrax.BacksolveAdjoint(stepsize_controller=backward_controller)
 
     def backward_evaluations(self, forward_evaluations):
         return forward_evaluations  # evaluations of the augmented field (f and a vjp each)

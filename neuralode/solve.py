@@ -101,11 +101,17 @@ def _check_field_output(dynamics: Dynamics, ts, y0, args):
 
 def solve(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolver = RK4(),
           substeps: int = 1, adjoint: AbstractAdjoint = DiscreteAdjoint(), rtol: float = 1e-6,
-          atol: float = 1e-8, max_steps: int = 4096, throw: bool = True) -> Solution:
+          atol: float = 1e-8, max_steps: int = 4096, throw: bool = True,
+          controlled: Callable | None = None) -> Solution:
     """Integrate dy/dt = f(t, y, args) from ts[0] and return a `Solution` with the states at `ts`.
 
     Arguments are those of `odeint`, plus `throw`: whether reaching `max_steps` raises (True) or is
-    reported in `Solution.max_steps_reached` (False).
+    reported in `Solution.max_steps_reached` (False), and `controlled` (adaptive solvers only): a
+    function of a state-shaped pytree returning the parts whose local error the step-size
+    controller bounds (None: all of it). Leave out quadrature states, integrals carried along that
+    the field never reads (RNODE's regularisers): their error does not feed back into the rest, so
+    controlling it only buys smaller steps. With `BacksolveAdjoint` the backwards solve controls
+    the same parts of the state and of its adjoint, and all parameter cotangents.
     """
     if not isinstance(solver, AbstractSolver):
         raise TypeError(f"solver must be a neuralode solver such as RK4() or Dopri5(), got "
@@ -126,6 +132,8 @@ def solve(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolver
     dynamics = _dynamics(f, args)
     intervals = ts.shape[0] - 1
 
+    if controlled is not None and not callable(controlled):
+        raise TypeError(f"controlled must be a function of the state or None, got {controlled!r}")
     if solver.adaptive:
         if substeps != 1:
             raise ValueError(f"substeps applies to fixed-step solvers; {solver!r} chooses its own "
@@ -135,7 +143,9 @@ def solve(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolver
                              f"solver; got solver={solver!r}")
         _check_field_output(dynamics, ts, y0, args)
         return _solve_adaptive(dynamics, solver, y0, ts, args, adjoint, rtol, atol, max_steps,
-                               throw)
+                               throw, controlled)
+    if controlled is not None:
+        raise ValueError(f"controlled applies to adaptive solvers; {solver!r} takes fixed steps")
 
     steps = intervals * int(substeps)
     if isinstance(f, DepthStack) and f.depth != steps:
@@ -152,18 +162,38 @@ def solve(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolver
     return Solution(ts, ys, stats, jnp.asarray(False))
 
 
+def _rms(tree):
+    leaves = jax.tree.leaves(tree)
+    size = sum(leaf.size for leaf in leaves)
+    return jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in leaves) / max(size, 1))
+
+
+def _controllers(rtol, atol, controlled):
+    """The forward PID controller and the backwards one of BacksolveAdjoint (None: the forward
+    one), both with the RMS norm of diffrax restricted to the `controlled` parts of the state."""
+    if controlled is None:
+        return diffrax.PIDController(rtol=rtol, atol=atol), None
+    forward = diffrax.PIDController(rtol=rtol, atol=atol, norm=lambda e: _rms(controlled(e)))
+    # The backwards state is (y, a_y, a_args, a_terms) (diffrax.BacksolveAdjoint).
+    backward = diffrax.PIDController(
+        rtol=rtol, atol=atol,
+        norm=lambda e: _rms((controlled(e[0]), controlled(e[1]), e[2], e[3])))
+    return forward, backward
+
+
 def _solve_adaptive(dynamics, solver: AbstractAdaptiveSolver, y0, ts, args, adjoint, rtol, atol,
-                    max_steps, throw) -> Solution:
+                    max_steps, throw, controlled=None) -> Solution:
     # Parameters travel in diffrax's `args`, so every diffrax adjoint differentiates them.
     def vector_field(t, y, args_and_tied):
         args, tied = args_and_tied
         return dynamics.func(t, y, args, tied, None)
 
+    forward, backward = _controllers(rtol, atol, controlled)
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(vector_field), solver.diffrax_solver(), t0=ts[0], t1=ts[-1], dt0=None,
         y0=y0, args=(args, dynamics.tied), saveat=diffrax.SaveAt(ts=ts),
-        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-        adjoint=adjoint.diffrax_adjoint(), max_steps=max_steps, throw=throw)
+        stepsize_controller=forward, adjoint=adjoint.diffrax_adjoint(backward),
+        max_steps=max_steps, throw=throw)
     steps = sol.stats["num_steps"]
     stats = {"num_steps": steps, "num_accepted_steps": sol.stats["num_accepted_steps"],
              "num_rejected_steps": sol.stats["num_rejected_steps"],

@@ -5,10 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.integrate
 from flax import nnx
 
 import neuralode as no
-from helpers import Y0, linear_exact, linear_field
+from helpers import A, Y0, linear_exact, linear_field
 
 W = jnp.array([[0.5, -1.0, 0.2], [1.2, 0.3, -0.4], [0.1, 0.7, -0.6]])
 
@@ -142,6 +143,41 @@ def test_module_field_gradients_reach_parameters():
 
 # --- errors: one test per message, each naming the argument ------------------------------------
 
+
+def with_energy(t, state, a):
+    """y' = a y with the quadrature q' = |y|^2 carried along (nothing reads q)."""
+    y, q = state
+    return a @ y, jnp.sum(y**2)
+
+
+def test_controlled_solve_steps_as_if_the_quadrature_were_absent():
+    ts, rtol, atol = jnp.array([0.0, 3.0]), 1e-6, 1e-8
+    options = dict(solver=no.Dopri5(), rtol=rtol, atol=atol)
+    alone = no.solve(linear_field, Y0, ts, **options)
+    sol = no.solve(with_energy, (Y0, jnp.zeros(())), ts, A, controlled=lambda s: s[0], **options)
+    assert int(sol.stats["num_steps"]) == int(alone.stats["num_steps"])
+    np.testing.assert_allclose(sol.ys[0], alone.ys, rtol=1e-14, atol=1e-15)
+    # q is integrated by the same 5th-order weights on steps sized for y, so its relative error is
+    # of the order of y's (measured: q 2.6 rtol, y 1.5 rtol; both grow with the global error).
+    energy = scipy.integrate.quad(lambda t: float(np.sum(linear_exact(t) ** 2)), 0.0, 3.0,
+                                  epsabs=1e-14, epsrel=1e-13)[0]
+    np.testing.assert_allclose(sol.ys[1][-1], energy, rtol=10 * rtol)
+
+
+def test_controlled_backsolve_gradients_equal_discrete_ones():
+    # The backwards solve controls y, a_y and a_args, not q and a_q (a_q is constant: dL/dq).
+    ts = jnp.array([0.0, 2.0])
+
+    def loss(y0, a, adjoint, controlled):
+        y, q = no.solve(with_energy, (y0, jnp.zeros(())), ts, a, solver=no.Dopri5(),
+                        adjoint=adjoint, rtol=1e-10, atol=1e-12, controlled=controlled).ys
+        return q[-1] + jnp.sum(jnp.sin(y[-1]))
+
+    reference = jax.grad(loss, argnums=(0, 1))(Y0, A, no.DiscreteAdjoint(), None)
+    got = jax.grad(loss, argnums=(0, 1))(Y0, A, no.BacksolveAdjoint(), lambda s: s[0])
+    for g, r in zip(got, reference):
+        np.testing.assert_allclose(g, r, rtol=1e-7, atol=1e-9)
+
 def test_error_ts_not_increasing():
     with pytest.raises(ValueError, match="ts must be strictly increasing"):
         no.odeint(field, jnp.ones(3), jnp.array([0.0, 1.0, 1.0]))
@@ -235,3 +271,10 @@ def test_error_leapfrog_needs_a_pair():
 def test_error_integer_y0():
     with pytest.raises(TypeError, match="y0 must hold floating-point arrays"):
         no.odeint(field, jnp.ones(3, dtype=jnp.int32), jnp.array([0.0, 1.0]))
+
+
+def test_error_controlled():
+    with pytest.raises(ValueError, match="controlled applies to adaptive solvers"):
+        no.solve(field, jnp.ones(3), jnp.array([0.0, 1.0]), controlled=lambda y: y)
+    with pytest.raises(TypeError, match="controlled must be a function of the state"):
+        no.solve(field, jnp.ones(3), jnp.array([0.0, 1.0]), solver=no.Dopri5(), controlled=0)

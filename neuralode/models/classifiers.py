@@ -223,12 +223,17 @@ class RNODEDynamics(nnx.Module):
 
 def rnode_solve(field: nnx.Module, y0, noise, horizon: float = 1.0, **solve_options):
     """Solve dy/dt = field(t, y) over [0, horizon] together with the RNODE integrands; returns
-    `(y1, kinetic, jacobian, stats)` with `kinetic`, `jacobian` per example (leading axis of y0)."""
+    `(y1, kinetic, jacobian, stats)` with `kinetic`, `jacobian` per example (leading axis of y0).
+
+    The integrands are quadratures: the step-size controller bounds the error of y alone, so the
+    regularised training solve takes the steps of the unregularised evaluation solve (controlling
+    K and J as well doubled the training NFE of an MNIST-1D ODE-Net, 188 against 98)."""
     if noise.shape != y0.shape:
         raise ValueError(f"noise must have the shape of y0 {y0.shape}, got {noise.shape}")
     zeros = jnp.zeros(y0.shape[:1], y0.dtype)
     sol = solve(RNODEDynamics(field, noise), (y0, zeros, zeros),
-                jnp.array([0.0, horizon], y0.dtype), **solve_options)
+                jnp.array([0.0, horizon], y0.dtype), controlled=lambda state: state[0],
+                **solve_options)
     y, kinetic, jacobian = (part[-1] for part in sol.ys)
     return y, kinetic, jacobian, sol.stats
 
