@@ -162,27 +162,22 @@ def solve(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolver
     return Solution(ts, ys, stats, jnp.asarray(False))
 
 
-def _rms(tree):
-    leaves = jax.tree.leaves(tree)
-    size = sum(leaf.size for leaf in leaves)
-    return jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in leaves) / max(size, 1))
-
-
 def _controllers(rtol, atol, controlled):
     """The forward PID controller and the backwards one of BacksolveAdjoint (None: the forward
-    one), both with the RMS norm of diffrax restricted to the `controlled` parts of the state."""
+    one), both with diffrax's default (RMS) norm restricted to the `controlled` parts of the state."""
+    default = diffrax.PIDController(rtol=rtol, atol=atol)
     if controlled is None:
-        return diffrax.PIDController(rtol=rtol, atol=atol), None
-    forward = diffrax.PIDController(rtol=rtol, atol=atol, norm=lambda e: _rms(controlled(e)))
+        return default, None
+    norm = default.norm
+    forward = diffrax.PIDController(rtol=rtol, atol=atol, norm=lambda e: norm(controlled(e)))
     # The backwards state is (y, a_y, a_args, a_terms) (diffrax.BacksolveAdjoint).
     backward = diffrax.PIDController(
-        rtol=rtol, atol=atol,
-        norm=lambda e: _rms((controlled(e[0]), controlled(e[1]), e[2], e[3])))
+        rtol=rtol, atol=atol, norm=lambda e: norm((controlled(e[0]), controlled(e[1]), e[2], e[3])))
     return forward, backward
 
 
 def _solve_adaptive(dynamics, solver: AbstractAdaptiveSolver, y0, ts, args, adjoint, rtol, atol,
-                    max_steps, throw, controlled=None) -> Solution:
+                    max_steps, throw, controlled) -> Solution:
     # Parameters travel in diffrax's `args`, so every diffrax adjoint differentiates them.
     def vector_field(t, y, args_and_tied):
         args, tied = args_and_tied

@@ -141,9 +141,6 @@ def test_module_field_gradients_reach_parameters():
     assert float(jnp.sum(g * direction)) == pytest.approx(float((up - down) / (2 * eps)), rel=1e-7)
 
 
-# --- errors: one test per message, each naming the argument ------------------------------------
-
-
 def with_energy(t, state, a):
     """y' = a y with the quadrature q' = |y|^2 carried along (nothing reads q)."""
     y, q = state
@@ -177,6 +174,10 @@ def test_controlled_backsolve_gradients_equal_discrete_ones():
     got = jax.grad(loss, argnums=(0, 1))(Y0, A, no.BacksolveAdjoint(), lambda s: s[0])
     for g, r in zip(got, reference):
         np.testing.assert_allclose(g, r, rtol=1e-7, atol=1e-9)
+
+
+# --- errors: one test per message, each naming the argument ------------------------------------
+
 
 def test_error_ts_not_increasing():
     with pytest.raises(ValueError, match="ts must be strictly increasing"):
