@@ -122,6 +122,13 @@ def train_config(cfg: Config) -> TrainConfig:
                        augment_shift=cfg.augment_shift, seed=cfg.seed, progress=cfg.progress)
 
 
+def model_config(cfg: Config) -> dict:
+    """The settings of `cfg` that `train_config` leaves out and that change the numbers: the
+    model's and its loss's (a resumed run must keep them)."""
+    left_out = {"out", "quick", "resume", "mnist_dir", "progress", *dataclasses.asdict(train_config(cfg))}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in left_out}
+
+
 def plot_history(cfg: Config, history: list[dict], name: str) -> Path:
     import matplotlib.pyplot as plt
 
@@ -150,7 +157,7 @@ def train_one(cfg: Config, dataset: Dataset, name: str | None = None) -> tuple[n
     name = name or f"classify_{cfg.dataset}_{cfg.model}"
     workdir = Path(cfg.out) / name
     last = train(model, dataset, train_config(cfg), workdir, resume=cfg.resume,
-                 loss_fn=classification_loss)
+                 loss_fn=classification_loss, model_config=model_config(cfg))
     history = read_metrics(workdir)
     figure = plot_history(cfg, history, name)
     stats = forward_stats(model, dataset.x_test[:cfg.batch_size])

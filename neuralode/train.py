@@ -283,9 +283,21 @@ def _check_config_matches(saved: dict[str, Any], config: TrainConfig) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     saved = {**defaults, **saved}  # a field added since the checkpoint was written has its default
     changed = {k: (saved[k], v) for k, v in current.items() if saved[k] != v and k not in _RESUMABLE_CHANGES}
+    _refuse_changes("config", changed)
+
+
+def _check_model_config_matches(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    if saved is None:  # a checkpoint from before model configs were recorded: nothing to compare
+        return
+    names = sorted(set(saved) | set(current))
+    _refuse_changes("model_config", {k: (saved.get(k), current.get(k)) for k in names
+                                     if saved.get(k) != current.get(k)})
+
+
+def _refuse_changes(argument: str, changed: dict[str, tuple[Any, Any]]) -> None:
     if changed:
         details = ", ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in changed.items())
-        raise ValueError(f"config: resuming with settings that differ from the checkpointed run ({details})")
+        raise ValueError(f"{argument}: resuming with settings that differ from the checkpointed run ({details})")
 
 
 def train(
@@ -295,6 +307,7 @@ def train(
     workdir: str | os.PathLike,
     resume: bool = False,
     loss_fn: LossFn = cross_entropy_loss,
+    model_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train `model` in place on `dataset`; return the last epoch's record of metrics.jsonl.
 
@@ -303,7 +316,9 @@ def train(
     `model.train()` and evaluation `model.eval()` (Dropout, BatchNorm); the model is left in eval
     mode. With `resume=True` the newest usable checkpoint in `workdir` is restored into `model`
     (built as for the original run) and training continues from exactly that point; without it,
-    `workdir` must not hold an earlier run.
+    `workdir` must not hold an earlier run. `model_config` (JSON-able) records the settings outside
+    `config` that change the numbers (the model's, the loss's): it is saved with every checkpoint,
+    and resuming with different ones (or a different `config`) is refused, naming what changed.
     """
     validate_dataset(dataset)
     if not isinstance(config, TrainConfig):
@@ -350,13 +365,15 @@ def train(
 
     checkpoints = _Checkpoints(workdir, config)
     progress = {"step": 0, "epoch": 0, "batch": 0, "sums": {}, "examples": 0, "epoch_seconds": 0.0,
-                "train_seconds": 0.0, "config": dataclasses.asdict(config), "dataset": _describe(dataset)}
+                "train_seconds": 0.0, "config": dataclasses.asdict(config), "dataset": _describe(dataset),
+                "model_config": json.loads(json.dumps(model_config or {}))}  # tuples as the JSON lists
     if resume:
         state, saved = checkpoints.restore(state)
         _check_config_matches(saved["config"], config)
+        _check_model_config_matches(saved.get("model_config"), progress["model_config"])
         if saved["dataset"] != progress["dataset"]:
             raise ValueError(f"dataset: checkpoint was trained on {saved['dataset']}, now {progress['dataset']}")
-        progress = {**saved, "config": dataclasses.asdict(config)}
+        progress = {**saved, "config": dataclasses.asdict(config), "model_config": progress["model_config"]}
         _write_metrics(workdir, [r for r in read_metrics(workdir) if r["epoch"] <= progress["epoch"]])
 
     def evaluate(model_state) -> dict[str, float]:

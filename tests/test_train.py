@@ -215,6 +215,21 @@ def test_workdir_and_config_mismatches_are_refused(reference, tmp_path):
         train(train_script.make_model(), smaller, train_script.CONFIG, workdir, resume=True)
 
 
+def test_resume_with_another_model_config_is_refused(tmp_path):
+    """Settings outside TrainConfig (a solver tolerance, a regulariser weight) are saved with the
+    checkpoints; resuming with other values is refused and names them (tuples compare as lists)."""
+    data = train_script.tiny_dataset()
+    config = dataclasses.replace(train_script.CONFIG, epochs=1)
+    settings = {"rtol": 1e-5, "kinetic_weight": 1e-4, "channels": (8, 16)}
+    train(train_script.make_model(), data, config, tmp_path, model_config=settings)
+    train(train_script.make_model(), data, config, tmp_path, resume=True, model_config=dict(settings))
+    changed = {**settings, "kinetic_weight": 1e-5, "norm": True}
+    with pytest.raises(ValueError, match=r"model_config: resuming with settings that differ from the "
+                       r"checkpointed run \(kinetic_weight: checkpoint 0.0001, now 1e-05, norm: checkpoint None, now True\)"):
+        train(train_script.make_model(), data, config, tmp_path, resume=True, model_config=changed)
+    training._check_model_config_matches(None, changed)  # checkpoints from before the record: not compared
+
+
 def test_model_with_wrong_logits_is_refused(tmp_path):
     data = train_script.tiny_dataset()
     model = train_script.MLP(8, 16, 3, rngs=nnx.Rngs(0))  # 3 logits for 4 classes
