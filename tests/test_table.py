@@ -4,7 +4,7 @@ import pytest
 
 from experiments.classify import Config as ClassifyConfig
 from experiments.classify import load
-from experiments.table import Config, iso_accuracy_nfe_ratio, memory_vs_depth
+from experiments.table import Config, equal_accuracy_nfe, memory_vs_depth
 
 
 def test_gradient_memory_grows_with_resnet_depth_not_with_odenet_steps():
@@ -74,28 +74,37 @@ def test_tolerance_sweep_reevaluates_trained_nets_at_each_rtol():
         assert tight["test_acc"] == held_out_accuracy(clone, small, batch_size=24)
     assert sweep["nfe_odenet_over_rnode"] == [
         a["nfe_forward"] / b["nfe_forward"] for a, b in zip(sweep["rows"]["odenet_tight"], sweep["rows"]["rnode"])]
-    assert sweep["iso_accuracy_nfe_ratio"] == iso_accuracy_nfe_ratio(sweep["rows"]["odenet_tight"],
-                                                                      sweep["rows"]["rnode"])
+    assert sweep["equal_accuracy"] == equal_accuracy_nfe(sweep["rows"]["odenet_tight"], sweep["rows"]["rnode"])
     model = models["rnode"]
     logits = np.asarray(model(small.x_test))
     assert held_out_accuracy(model, small, batch_size=24) == np.mean(np.argmax(logits, -1) == small.y_test)
 
 
-def test_iso_accuracy_nfe_ratio_takes_the_cheapest_reference_at_least_as_accurate():
-    reference = [{"test_acc": 0.95, "nfe_forward": 50}, {"test_acc": 0.98, "nfe_forward": 80},
-                 {"test_acc": 0.985, "nfe_forward": 104}, {"test_acc": 0.984, "nfe_forward": 130}]
-    regularised = [{"test_acc": 0.96, "nfe_forward": 40}, {"test_acc": 0.984, "nfe_forward": 64},
-                   {"test_acc": 0.99, "nfe_forward": 70}]
-    assert iso_accuracy_nfe_ratio(reference, regularised) == [80 / 40, 104 / 64, None]
+def test_equal_accuracy_takes_each_nets_cheapest_point_at_the_best_accuracy_both_reach():
+    reference = [{"rtol": 1e-3, "test_acc": 0.95, "nfe_forward": 50},
+                 {"rtol": 1e-4, "test_acc": 0.985, "nfe_forward": 80},
+                 {"rtol": 1e-5, "test_acc": 0.984, "nfe_forward": 104}]
+    regularised = [{"rtol": 1e-3, "test_acc": 0.96, "nfe_forward": 40},
+                   {"rtol": 1e-4, "test_acc": 0.99, "nfe_forward": 70},
+                   {"rtol": 1e-5, "test_acc": 0.986, "nfe_forward": 64}]
+    equal = equal_accuracy_nfe(reference, regularised)  # best both reach: the reference's 98.5 %
+    assert equal == {"test_acc": 0.985, "odenet_tight": reference[1], "rnode": regularised[2],
+                     "ratio": 80 / 64}
+    worse = [{**p, "test_acc": p["test_acc"] - 0.02} for p in regularised]  # best both reach: 97.0 %
+    assert equal_accuracy_nfe(reference, worse)["ratio"] == 80 / 70
 
 
-def test_sweep_markdown_gives_both_ratios_per_tolerance():
+def test_sweep_markdown_gives_the_ratio_per_tolerance_and_at_equal_accuracy():
     from experiments.table import sweep_markdown
 
-    rows = {"odenet_tight": [{"test_acc": 0.95, "nfe_forward": 56}, {"test_acc": 0.984, "nfe_forward": 104}],
-            "rnode": [{"test_acc": 0.96, "nfe_forward": 44}, {"test_acc": 0.99, "nfe_forward": 68}]}
+    rows = {"odenet_tight": [{"rtol": 1e-3, "test_acc": 0.95, "nfe_forward": 56},
+                             {"rtol": 1e-5, "test_acc": 0.984, "nfe_forward": 104}],
+            "rnode": [{"rtol": 1e-3, "test_acc": 0.96, "nfe_forward": 44},
+                      {"rtol": 1e-5, "test_acc": 0.99, "nfe_forward": 68}]}
     sweep = {"rtols": [1e-3, 1e-5], "rows": rows, "nfe_odenet_over_rnode": [56 / 44, 104 / 68],
-             "iso_accuracy_nfe_ratio": iso_accuracy_nfe_ratio(rows["odenet_tight"], rows["rnode"])}
+             "equal_accuracy": equal_accuracy_nfe(rows["odenet_tight"], rows["rnode"])}
     lines = sweep_markdown("MNIST-1D", sweep).splitlines()
-    assert lines[4] == "| 0.001 | 95.0 % | 56 | 96.0 % | 44 | 1.27x | 2.36x |"
-    assert lines[5] == "| 1e-05 | 98.4 % | 104 | 99.0 % | 68 | 1.53x | none as accurate |"
+    assert lines[4] == "| 0.001 | 95.0 % | 56 | 96.0 % | 44 | 1.27x |"
+    assert lines[5] == "| 1e-05 | 98.4 % | 104 | 99.0 % | 68 | 1.53x |"
+    assert lines[7] == ("At the best accuracy both reach (98.4 %): ODE-Net 104 NFE (rtol 1e-05), "
+                        "RNODE 68 NFE (rtol 1e-05): 1.53x fewer at equal accuracy.")
