@@ -20,9 +20,12 @@ ODE-Net (continuous adjoint) with rtol tightened from 1e-1 to 1e-6, against forw
 
 Tolerance sweep (where both RNODE and its twin were trained): the two trained nets evaluated at
 every rtol = atol of `sweep_rtols`, test accuracy and forward NFE, to see whether the regularised
-flow is cheaper at every tolerance or only at the one it was trained at. Each pair of curves also
-gives the NFE ratio at equal accuracy: at the best accuracy both nets reach, the NFE of the
-cheapest ODE-Net point at least that accurate over RNODE's (`equal_accuracy`).
+flow is cheaper at every tolerance or only at the one it was trained at; and their fields stepped
+by fixed-step solvers (Euler, midpoint, RK4 with `fixed_steps` steps per stage: an RK-Net holding
+the ODE-Net's parameters), where no error estimate or step-size controller sets a floor on the
+NFE. The NFE ratio at equal accuracy: at the best accuracy both nets reach, the NFE of the
+cheapest ODE-Net evaluation at least that accurate over RNODE's, among the tolerances
+(`equal_accuracy`) and among all evaluations (`equal_accuracy_any_solver`).
 
 Writes `DIR/table.json` ({dataset: {model: {test_acc, params, grad_memory_bytes, nfe_forward,
 nfe_backward, train_s}}, "memory_vs_depth": {model: [rows]}, "rnode_sweep": {dataset: ...}}),
@@ -43,11 +46,13 @@ from experiments.classify import Config as ClassifyConfig
 from experiments.classify import build_model, forward_stats, load, train_one
 from experiments.common import main, save_figure, write_json
 from neuralode.data import batches
+from neuralode.solvers import RK4, Euler, Midpoint
 from neuralode.train import classification_loss
 
 MODELS = ("resnet", "plainnet", "rknet", "odenet", "anode", "odenet_tight", "rnode")
 ADAPTIVE = ("odenet", "anode", "odenet_tight", "rnode")
 AT_RNODE_RTOL = ("odenet_tight", "rnode")  # trained and evaluated at rnode_rtol
+FIXED_SOLVERS = {"euler": Euler, "midpoint": Midpoint, "rk4": RK4}
 LABELS = {"resnet": "ResNet", "plainnet": "PlainNet", "rknet": "RK-Net", "odenet": "ODE-Net",
           "anode": "ANODE", "odenet_tight": "ODE-Net", "rnode": "RNODE"}
 
@@ -83,10 +88,14 @@ class Config:
     memory_rtols: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)  # ... and ODE-Net rtol
     # the evaluation tolerances of the trained rnode and odenet_tight
     sweep_rtols: tuple[float, ...] = (1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 1e-7)
+    # ... and their fields stepped by fixed-step solvers, `fixed_steps` steps per stage
+    fixed_solvers: tuple[str, ...] = ("euler", "midpoint", "rk4")
+    fixed_steps: tuple[int, ...] = (1, 2, 4, 8)
     seed: int = 0
 
 
 QUICK = {"depths": (1, 4), "memory_rtols": (1e-1, 1e-4), "sweep_rtols": (1e-2, 1e-4),
+         "fixed_solvers": ("euler", "rk4"), "fixed_steps": (1, 2),
          "channels": (8, 16), "blocks": 2,
          "epochs_digits": 4, "epochs_mnist1d": 3, "rnode_epochs_digits": 4, "rnode_epochs_mnist1d": 3,
          "rtol": 1e-2, "atol": 1e-2, "rnode_rtol": 1e-3,
@@ -198,39 +207,75 @@ def _predict(model: nnx.Module, x):
     return jnp.argmax(model(x), axis=-1)
 
 
-def _check_sweep_rtols(cfg: Config) -> None:
+def _check_sweep_settings(cfg: Config) -> None:
     if len(cfg.sweep_rtols) < 1 or not all(r > 0 for r in cfg.sweep_rtols):
         raise ValueError(f"sweep_rtols: expected positive tolerances, got {cfg.sweep_rtols}")
+    unknown = sorted(set(cfg.fixed_solvers) - set(FIXED_SOLVERS))
+    if unknown:
+        raise ValueError(f"fixed_solvers: unknown {unknown}, expected some of {tuple(FIXED_SOLVERS)}")
+    if not all(isinstance(n, int) and n >= 1 for n in cfg.fixed_steps):
+        raise ValueError(f"fixed_steps: expected positive ints, got {cfg.fixed_steps}")
 
 
-def tolerance_sweep(cfg: Config, dataset, models: dict[str, nnx.Module]) -> dict:
+def fixed_step_net(cfg: Config, dataset_name: str, dataset, model: nnx.Module, solver: str,
+                   steps: int) -> nnx.Module:
+    """The trained ODE-Net `model` with its field stepped `steps` times per stage by the fixed-step
+    `solver`: an RK-Net holding the ODE-Net's parameters (built abstractly, so no initialiser
+    runs, then filled with them)."""
+    options = dataclasses.replace(classify_config(cfg, dataset_name, "odenet"), model="rknet",
+                                  rk_steps=steps)
+    net = nnx.eval_shape(lambda: build_model(options, dataset))
+    net.solver = FIXED_SOLVERS[solver]()
+    params = nnx.state(model, nnx.Param)
+    shapes = [jnp.shape(p) for p in jax.tree.leaves(params)]
+    if (jax.tree.structure(params) != jax.tree.structure(nnx.state(net, nnx.Param))
+            or shapes != [p.shape for p in jax.tree.leaves(nnx.state(net, nnx.Param))]):
+        raise ValueError(f"model: its parameters do not fit an RK-Net of the table's settings "
+                         f"(channels {cfg.channels}, norm {cfg.norm}); was it trained with them?")
+    nnx.update(net, params)
+    return net
+
+
+def tolerance_sweep(cfg: Config, dataset_name: str, dataset, models: dict[str, nnx.Module]) -> dict:
     """Test accuracy and forward NFE (first `batch_size` test examples, the batch of the table's
     NFE column) of the trained adaptive `models` evaluated at every rtol = atol of
-    `cfg.sweep_rtols`, and the NFE ratio of `odenet_tight` over `rnode` at each tolerance where
-    both are given."""
-    _check_sweep_rtols(cfg)
+    `cfg.sweep_rtols` (`rows`) and with their fields stepped by every fixed-step solver of
+    `cfg.fixed_solvers` at every number of steps of `cfg.fixed_steps` (`fixed_steps`); where both
+    `odenet_tight` and `rnode` are given, their NFE ratio at each tolerance and at equal accuracy,
+    over the adaptive evaluations (`equal_accuracy`) and over all of them
+    (`equal_accuracy_any_solver`)."""
+    _check_sweep_settings(cfg)
     x = jnp.asarray(dataset.x_test[:cfg.batch_size])
-    rows = {}
+
+    def point(net, **setting):
+        return {**setting, "test_acc": held_out_accuracy(net, dataset),
+                "nfe_forward": forward_stats(net, x)["nfe"]}
+
+    rows, fixed = {}, {}
     for name, model in models.items():
         rows[name] = []
         for rtol in cfg.sweep_rtols:
             clone = nnx.clone(model)
             clone.rtol = clone.atol = float(rtol)
-            rows[name].append({"rtol": rtol, "test_acc": held_out_accuracy(clone, dataset),
-                               "nfe_forward": forward_stats(clone, x)["nfe"]})
-    out = {"rtols": list(cfg.sweep_rtols), "rows": rows}
+            rows[name].append(point(clone, rtol=rtol))
+        fixed[name] = [point(fixed_step_net(cfg, dataset_name, dataset, model, solver, steps),
+                             solver=solver, steps=steps)
+                       for solver in cfg.fixed_solvers for steps in cfg.fixed_steps]
+    out = {"rtols": list(cfg.sweep_rtols), "rows": rows, "fixed_steps": fixed}
     if {"odenet_tight", "rnode"} <= set(rows):
         out["nfe_odenet_over_rnode"] = [a["nfe_forward"] / b["nfe_forward"] for a, b in
                                         zip(rows["odenet_tight"], rows["rnode"])]
         out["equal_accuracy"] = equal_accuracy_nfe(rows["odenet_tight"], rows["rnode"])
+        out["equal_accuracy_any_solver"] = equal_accuracy_nfe(
+            rows["odenet_tight"] + fixed["odenet_tight"], rows["rnode"] + fixed["rnode"])
     return out
 
 
 def equal_accuracy_nfe(reference: list[dict], regularised: list[dict]) -> dict:
-    """Both nets at the best test accuracy both reach along the sweep (the lower of their best):
-    each one's cheapest point at least that accurate, and `ratio`, the reference's NFE over the
-    regularised net's, i.e. how many times fewer field evaluations the regularised net needs for
-    the same accuracy when each may choose its evaluation tolerance."""
+    """Both nets at the best test accuracy both reach among their evaluations (the lower of their
+    best): each one's cheapest evaluation at least that accurate, and `ratio`, the reference's NFE
+    over the regularised net's, i.e. how many times fewer field evaluations the regularised net
+    needs for the same accuracy when each may choose how it is solved."""
     accuracy = min(max(p["test_acc"] for p in reference), max(p["test_acc"] for p in regularised))
 
     def cheapest(points):
@@ -241,20 +286,39 @@ def equal_accuracy_nfe(reference: list[dict], regularised: list[dict]) -> dict:
             "ratio": ref["nfe_forward"] / reg["nfe_forward"]}
 
 
+def setting(point: dict) -> str:
+    """How an evaluation of the sweep was solved: `rtol 1e-05` or `RK4, 2 steps`."""
+    if "rtol" in point:
+        return f"rtol {point['rtol']:g}"
+    return f"{FIXED_SOLVERS[point['solver']].__name__}, {point['steps']} step" + (
+        "s" if point["steps"] > 1 else "")
+
+
 def plot_sweep(cfg: Config, dataset_name: str, sweep: dict) -> None:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, rows in sweep["rows"].items():
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    markers = {"euler": "s", "midpoint": "^", "rk4": "D"}
+    for (name, rows), color in zip(sweep["rows"].items(), ("C0", "C1")):
         rtols = [r["rtol"] for r in rows]
-        axes[0].plot(rtols, [r["nfe_forward"] for r in rows], marker="o", label=LABELS[name])
-        axes[1].plot(rtols, [100 * r["test_acc"] for r in rows], marker="o", label=LABELS[name])
+        axes[0].plot(rtols, [r["nfe_forward"] for r in rows], marker="o", color=color, label=LABELS[name])
+        axes[1].plot(rtols, [100 * r["test_acc"] for r in rows], marker="o", color=color, label=LABELS[name])
+        axes[2].plot([r["nfe_forward"] for r in rows], [100 * r["test_acc"] for r in rows],
+                     marker="o", color=color, label=f"{LABELS[name]}, Dopri5")
+        for solver in cfg.fixed_solvers:
+            points = [p for p in sweep["fixed_steps"][name] if p["solver"] == solver]
+            axes[2].plot([p["nfe_forward"] for p in points], [100 * p["test_acc"] for p in points],
+                         marker=markers[solver], color=color, linestyle=":",
+                         label=f"{LABELS[name]}, {FIXED_SOLVERS[solver].__name__}")
     axes[0].set(xscale="log", yscale="log", xlabel="evaluation rtol = atol",
                 ylabel="field evaluations per forward pass")
     axes[1].set(xscale="log", xlabel="evaluation rtol = atol", ylabel="test accuracy (%)")
-    for ax in axes:
+    axes[2].set(xscale="log", xlabel="field evaluations per forward pass (fixed: steps 1, 2, ...)",
+                ylabel="test accuracy (%)", ylim=(max(0.0, axes[1].get_ylim()[0] - 5), 100))
+    for ax in axes[:2]:
         ax.invert_xaxis()
-        ax.legend()
+    for ax in axes:
+        ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both")
     fig.suptitle(f"RNODE vs ODE-Net on {dataset_name}, both trained at rtol {cfg.rnode_rtol:g}")
     save_figure(cfg, fig, f"table_rnode_{dataset_name}")
@@ -337,22 +401,32 @@ def memory_markdown(memory: dict) -> str:
 def sweep_markdown(dataset_name: str, sweep: dict) -> str:
     names = list(sweep["rows"])
     compared = "nfe_odenet_over_rnode" in sweep
+    header = " | ".join(f"{LABELS[n]} acc | {LABELS[n]} NFE" for n in names)
+
+    def cells(points):
+        return " | ".join(f"{100 * p['test_acc']:.1f} % | {p['nfe_forward']:.0f}" for p in points)
+
     lines = [f"### RNODE vs ODE-Net on {dataset_name}, evaluated at other tolerances", "",
-             "| rtol | " + " | ".join(f"{LABELS[n]} acc | {LABELS[n]} NFE" for n in names)
-             + (" | NFE ratio |" if compared else " |"),
+             "| rtol | " + header + (" | NFE ratio |" if compared else " |"),
              "|---:|" + "---:|---:|" * len(names) + ("---:|" if compared else "")]
     for i, rtol in enumerate(sweep["rtols"]):
-        cells = [f"{100 * sweep['rows'][n][i]['test_acc']:.1f} % | {sweep['rows'][n][i]['nfe_forward']:.0f}"
-                 for n in names]
         ratio = f" | {sweep['nfe_odenet_over_rnode'][i]:.2f}x" if compared else ""
-        lines.append(f"| {rtol:g} | " + " | ".join(cells) + ratio + " |")
-    if compared:
-        equal = sweep["equal_accuracy"]
-        ref, reg = equal["odenet_tight"], equal["rnode"]
-        lines += ["", f"At the best accuracy both reach ({100 * equal['test_acc']:.1f} %): "
-                  f"{LABELS['odenet_tight']} {ref['nfe_forward']:.0f} NFE (rtol {ref['rtol']:g}), "
-                  f"{LABELS['rnode']} {reg['nfe_forward']:.0f} NFE (rtol {reg['rtol']:g}): "
-                  f"{equal['ratio']:.2f}x fewer at equal accuracy."]
+        lines.append(f"| {rtol:g} | " + cells([sweep["rows"][n][i] for n in names]) + ratio + " |")
+    fixed = sweep.get("fixed_steps", {})
+    if fixed:
+        lines += ["", "Their fields stepped with fixed steps (steps per stage):", "",
+                  "| solver | " + header + " |", "|---|" + "---:|---:|" * len(names)]
+        for i, p in enumerate(fixed[names[0]]):
+            lines.append(f"| {setting(p)} | " + cells([fixed[n][i] for n in names]) + " |")
+    for key, among in (("equal_accuracy", "the tolerances"), ("equal_accuracy_any_solver", "all evaluations")):
+        if key in sweep:
+            equal = sweep[key]
+            ref, reg = equal["odenet_tight"], equal["rnode"]
+            lines += ["", f"Among {among}, at the best accuracy both reach "
+                      f"({100 * equal['test_acc']:.1f} %): {LABELS['odenet_tight']} "
+                      f"{ref['nfe_forward']:.0f} NFE ({setting(ref)}), {LABELS['rnode']} "
+                      f"{reg['nfe_forward']:.0f} NFE ({setting(reg)}): {equal['ratio']:.2f}x fewer "
+                      f"at equal accuracy."]
     return "\n".join(lines + [""])
 
 
@@ -382,7 +456,7 @@ def run(cfg: Config) -> dict:
     bad = sorted(set(cfg.datasets) - {"digits", "mnist1d"})
     if bad:
         raise ValueError(f"datasets: {bad} not supported, expected digits and/or mnist1d")
-    _check_sweep_rtols(cfg)
+    _check_sweep_settings(cfg)
     table, datasets, sweeps = {}, {}, {}
     for dataset_name in cfg.datasets:
         dataset = datasets[dataset_name] = load(ClassifyConfig(dataset=dataset_name))
@@ -394,7 +468,7 @@ def run(cfg: Config) -> dict:
                 trained[model_name] = model
             write_json(Path(cfg.out) / "table_partial.json", table)  # rows so far
         if len(trained) == len(AT_RNODE_RTOL):
-            sweeps[dataset_name] = tolerance_sweep(cfg, dataset, trained)
+            sweeps[dataset_name] = tolerance_sweep(cfg, dataset_name, dataset, trained)
             plot_sweep(cfg, dataset_name, sweeps[dataset_name])
     memory = memory_vs_depth(cfg, cfg.datasets[0], datasets[cfg.datasets[0]])
     plot_memory(cfg, memory)
@@ -406,6 +480,8 @@ def run(cfg: Config) -> dict:
         summary[f"{dataset_name}_sweep_nfe_odenet_over_rnode"] = [
             round(r, 2) for r in sweep["nfe_odenet_over_rnode"]]
         summary[f"{dataset_name}_equal_accuracy_nfe_ratio"] = round(sweep["equal_accuracy"]["ratio"], 3)
+        summary[f"{dataset_name}_equal_accuracy_any_solver_nfe_ratio"] = round(
+            sweep["equal_accuracy_any_solver"]["ratio"], 3)
     return {"headline": summary, **table, "memory_vs_depth": memory, "rnode_sweep": sweeps}
 
 

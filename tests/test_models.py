@@ -199,6 +199,8 @@ def test_bad_input_names_the_argument():
         ResNet(1, 3, spatial_dims=3, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="channels"):
         RKNet(1, 3, channels=(), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="solver must be an explicit Runge-Kutta method"):
+        RKNet(1, 3, solver=no.Dopri5(), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="solver must be an adaptive solver"):
         ODENet(1, 3, solver=no.RK4(), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="augment_channels"):

@@ -64,7 +64,9 @@ def test_tolerance_sweep_reevaluates_trained_nets_at_each_rtol():
     base = ClassifyConfig(model="odenet", channels=(4, 8), rtol=1e-3, atol=1e-3)
     models = {"odenet_tight": build_model(base, small),
               "rnode": build_model(dataclasses.replace(base, seed=1), small)}
-    sweep = tolerance_sweep(Config(sweep_rtols=(1e-2, 1e-6), batch_size=16), small, models)
+    cfg = Config(sweep_rtols=(1e-2, 1e-6), fixed_solvers=("euler", "rk4"), fixed_steps=(1, 3),
+                 channels=(4, 8), batch_size=16)
+    sweep = tolerance_sweep(cfg, "digits", small, models)
     for name, model in models.items():
         assert (model.rtol, model.atol) == (1e-3, 1e-3)
         loose, tight = sweep["rows"][name]
@@ -75,6 +77,19 @@ def test_tolerance_sweep_reevaluates_trained_nets_at_each_rtol():
     assert sweep["nfe_odenet_over_rnode"] == [
         a["nfe_forward"] / b["nfe_forward"] for a, b in zip(sweep["rows"]["odenet_tight"], sweep["rows"]["rnode"])]
     assert sweep["equal_accuracy"] == equal_accuracy_nfe(sweep["rows"]["odenet_tight"], sweep["rows"]["rnode"])
+    # Fixed steps: the trained field in an RK-Net; one built from the ODE-Net's seed holds the
+    # same parameters, so it must score the same.
+    for name, seed in (("odenet_tight", 0), ("rnode", 1)):
+        points = sweep["fixed_steps"][name]
+        assert [(p["solver"], p["steps"]) for p in points] == [("euler", 1), ("euler", 3), ("rk4", 1), ("rk4", 3)]
+        assert [p["nfe_forward"] for p in points] == [2, 6, 8, 24]  # two stages x steps x stages of the method
+        twin = build_model(dataclasses.replace(base, model="rknet", rk_steps=3, seed=seed), small)
+        assert points[3]["test_acc"] == held_out_accuracy(twin, small)
+    assert sweep["equal_accuracy_any_solver"] == equal_accuracy_nfe(
+        sweep["rows"]["odenet_tight"] + sweep["fixed_steps"]["odenet_tight"],
+        sweep["rows"]["rnode"] + sweep["fixed_steps"]["rnode"])
+    with pytest.raises(ValueError, match="model: its parameters do not fit"):
+        tolerance_sweep(dataclasses.replace(cfg, channels=(4, 4)), "digits", small, models)
     model = models["rnode"]
     logits = np.asarray(model(small.x_test))
     assert held_out_accuracy(model, small, batch_size=24) == np.mean(np.argmax(logits, -1) == small.y_test)
@@ -106,5 +121,29 @@ def test_sweep_markdown_gives_the_ratio_per_tolerance_and_at_equal_accuracy():
     lines = sweep_markdown("MNIST-1D", sweep).splitlines()
     assert lines[4] == "| 0.001 | 95.0 % | 56 | 96.0 % | 44 | 1.27x |"
     assert lines[5] == "| 1e-05 | 98.4 % | 104 | 99.0 % | 68 | 1.53x |"
-    assert lines[7] == ("At the best accuracy both reach (98.4 %): ODE-Net 104 NFE (rtol 1e-05), "
-                        "RNODE 68 NFE (rtol 1e-05): 1.53x fewer at equal accuracy.")
+    assert lines[7] == ("Among the tolerances, at the best accuracy both reach (98.4 %): ODE-Net 104 NFE "
+                        "(rtol 1e-05), RNODE 68 NFE (rtol 1e-05): 1.53x fewer at equal accuracy.")
+    fixed = {"odenet_tight": [{"solver": "rk4", "steps": 1, "test_acc": 0.90, "nfe_forward": 8},
+                              {"solver": "rk4", "steps": 4, "test_acc": 0.984, "nfe_forward": 32}],
+             "rnode": [{"solver": "rk4", "steps": 1, "test_acc": 0.984, "nfe_forward": 8},
+                       {"solver": "rk4", "steps": 4, "test_acc": 0.99, "nfe_forward": 32}]}
+    sweep.update(fixed_steps=fixed, equal_accuracy_any_solver=equal_accuracy_nfe(
+        rows["odenet_tight"] + fixed["odenet_tight"], rows["rnode"] + fixed["rnode"]))
+    lines = sweep_markdown("MNIST-1D", sweep).splitlines()
+    assert lines[9:14] == ["| solver | ODE-Net acc | ODE-Net NFE | RNODE acc | RNODE NFE |",
+                           "|---|---:|---:|---:|---:|",
+                           "| RK4, 1 step | 90.0 % | 8 | 98.4 % | 8 |",
+                           "| RK4, 4 steps | 98.4 % | 32 | 99.0 % | 32 |", ""]
+    assert lines[16] == ("Among all evaluations, at the best accuracy both reach (98.4 %): ODE-Net 32 NFE "
+                         "(RK4, 4 steps), RNODE 8 NFE (RK4, 1 step): 4.00x fewer at equal accuracy.")
+
+
+def test_bad_sweep_settings_fail_before_any_training():
+    from experiments.table import run
+
+    with pytest.raises(ValueError, match="fixed_solvers: unknown \\['dopri5'\\]"):
+        run(Config(fixed_solvers=("dopri5",)))
+    with pytest.raises(ValueError, match="fixed_steps: expected positive ints"):
+        run(Config(fixed_steps=(0, 2)))
+    with pytest.raises(ValueError, match="sweep_rtols: expected positive"):
+        run(Config(sweep_rtols=(1e-3, -1.0)))

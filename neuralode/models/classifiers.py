@@ -12,8 +12,8 @@ block, and only it differs between the models, all stepping a `ConvField` f(t, y
 - `ResNet`: L residual blocks y_{k+1} = y_k + h F_k(y_k) = L Euler steps of a `DepthStack`
   (one theta_k per block; h = `step_size`, 1 for the usual ResNet).
 - `PlainNet`: the same fields without the identity path, y_{k+1} = F_k(y_k) (claims B1/B2).
-- `RKNet`: one weight-tied, time-conditioned field stepped by RK4, backprop through the steps
-  (the RK-Net of Chen et al. 2018, Table 1).
+- `RKNet`: one weight-tied, time-conditioned field stepped by RK4 (or another explicit Runge-Kutta
+  method), backprop through the steps (the RK-Net of Chen et al. 2018, Table 1).
 - `ODENet`: the same field integrated adaptively (Dopri5/Tsit5) over [0, `horizon`], gradients by
   the continuous adjoint or by checkpointing (Chen et al. 2018). `AugmentedODENet`: zero channels
   concatenated before the ODE block (Dupont et al. 2019, "Augmented Neural ODEs").
@@ -39,7 +39,7 @@ from flax import nnx
 from neuralode.adjoints import AbstractAdjoint, BacksolveAdjoint, DiscreteAdjoint
 from neuralode.fields import ConvField, DepthStack
 from neuralode.solve import solve
-from neuralode.solvers import RK4, AbstractSolver, Dopri5, Euler
+from neuralode.solvers import RK4, AbstractRungeKutta, AbstractSolver, Dopri5, Euler
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -179,16 +179,24 @@ def _tied_fields(channels, kernel_size, spatial_dims, norm, activation, param_dt
 
 class RKNet(_Classifier):
     """One weight-tied, time-conditioned `ConvField` per stage, `steps` RK4 steps over
-    [0, horizon], trained by backprop through the steps (RK-Net of Chen et al. 2018)."""
+    [0, horizon], trained by backprop through the steps (RK-Net of Chen et al. 2018). `solver`:
+    another explicit Runge-Kutta method (`Euler()`, `Midpoint()`, `Heun()`). Its parameters are an
+    `ODENet`'s, so a trained ODE-Net's field can be stepped with fixed steps by copying them
+    (`nnx.update(rk_net, nnx.state(ode_net, nnx.Param))`)."""
 
     def __init__(self, in_channels: int, num_classes: int, *, channels: Sequence[int] = (32, 64),
-                 steps: int = 2, horizon: float = 1.0, spatial_dims: int = 2,
-                 kernel_size: int = 3, stem_kernel_size: int = 3, norm: bool = False,
-                 activation: Callable = jax.nn.relu, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 steps: int = 2, horizon: float = 1.0, solver: AbstractSolver = RK4(),
+                 spatial_dims: int = 2, kernel_size: int = 3, stem_kernel_size: int = 3,
+                 norm: bool = False, activation: Callable = jax.nn.relu, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        if not isinstance(solver, AbstractRungeKutta):
+            raise ValueError(f"solver must be an explicit Runge-Kutta method (Euler(), Midpoint(), "
+                             f"Heun() or RK4()), got {solver!r}; use ODENet for adaptive steps")
         super().__init__(in_channels, num_classes, channels, spatial_dims=spatial_dims,
                          kernel_size=kernel_size, stem_kernel_size=stem_kernel_size,
                          activation=activation, param_dtype=param_dtype, rngs=rngs)
         self.steps = _check_positive_int("steps", steps)
+        self.solver = solver
         if not horizon > 0:
             raise ValueError(f"horizon must be > 0, got {horizon!r}")
         self.horizon = float(horizon)
@@ -197,7 +205,7 @@ class RKNet(_Classifier):
 
     def _stage(self, index, y):
         ts = jnp.array([0.0, self.horizon], y.dtype)
-        sol = solve(self.stages[index], y, ts, solver=RK4(), substeps=self.steps,
+        sol = solve(self.stages[index], y, ts, solver=self.solver, substeps=self.steps,
                     adjoint=DiscreteAdjoint())
         return sol.ys[-1], {"nfe": sol.stats["nfe"], "nfe_backward": sol.stats["nfe_backward"]}
 
