@@ -25,7 +25,8 @@ by fixed-step solvers (Euler, midpoint, RK4 with `fixed_steps` steps per stage: 
 the ODE-Net's parameters), where no error estimate or step-size controller sets a floor on the
 NFE. The NFE ratio at equal accuracy: at the best accuracy both nets reach, the NFE of the
 cheapest ODE-Net evaluation at least that accurate over RNODE's, among the tolerances
-(`equal_accuracy`) and among all evaluations (`equal_accuracy_any_solver`).
+(`equal_accuracy`) and among all evaluations (`equal_accuracy_any_solver`); and the whole trade:
+each net's cheapest evaluation at every accuracy on either one's Pareto front (`nfe_to_reach`).
 
 Writes `DIR/table.json` ({dataset: {model: {test_acc, params, grad_memory_bytes, nfe_forward,
 nfe_backward, train_s}}, "memory_vs_depth": {model: [rows]}, "rnode_sweep": {dataset: ...}}),
@@ -266,8 +267,9 @@ def tolerance_sweep(cfg: Config, dataset_name: str, dataset, models: dict[str, n
         out["nfe_odenet_over_rnode"] = [a["nfe_forward"] / b["nfe_forward"] for a, b in
                                         zip(rows["odenet_tight"], rows["rnode"])]
         out["equal_accuracy"] = equal_accuracy_nfe(rows["odenet_tight"], rows["rnode"])
-        out["equal_accuracy_any_solver"] = equal_accuracy_nfe(
-            rows["odenet_tight"] + fixed["odenet_tight"], rows["rnode"] + fixed["rnode"])
+        every = (rows["odenet_tight"] + fixed["odenet_tight"], rows["rnode"] + fixed["rnode"])
+        out["equal_accuracy_any_solver"] = equal_accuracy_nfe(*every)
+        out["nfe_to_reach"] = nfe_to_reach(*every)
     return out
 
 
@@ -284,6 +286,30 @@ def equal_accuracy_nfe(reference: list[dict], regularised: list[dict]) -> dict:
     ref, reg = cheapest(reference), cheapest(regularised)
     return {"test_acc": accuracy, "odenet_tight": ref, "rnode": reg,
             "ratio": ref["nfe_forward"] / reg["nfe_forward"]}
+
+
+def nfe_to_reach(reference: list[dict], regularised: list[dict]) -> list[dict]:
+    """The cost of accuracy for both nets: at every accuracy on either net's Pareto front (an
+    evaluation that no other is both as cheap and as accurate as), each net's cheapest evaluation at least that accurate
+    (None where it never gets there) and `ratio`, the reference's NFE over the regularised net's
+    (None unless both get there)."""
+    def front(points):
+        def dominates(q, p):
+            return (q["nfe_forward"] <= p["nfe_forward"] and q["test_acc"] >= p["test_acc"]
+                    and (q["nfe_forward"], q["test_acc"]) != (p["nfe_forward"], p["test_acc"]))
+
+        return {p["test_acc"] for p in points if not any(dominates(q, p) for q in points)}
+
+    def cheapest(points, accuracy):
+        reached = [p for p in points if p["test_acc"] >= accuracy]
+        return min(reached, key=lambda p: p["nfe_forward"]) if reached else None
+
+    rows = []
+    for accuracy in sorted(front(reference) | front(regularised)):
+        ref, reg = cheapest(reference, accuracy), cheapest(regularised, accuracy)
+        rows.append({"test_acc": accuracy, "odenet_tight": ref, "rnode": reg,
+                     "ratio": ref["nfe_forward"] / reg["nfe_forward"] if ref and reg else None})
+    return rows
 
 
 def setting(point: dict) -> str:
@@ -430,6 +456,18 @@ def sweep_markdown(dataset_name: str, sweep: dict) -> str:
                       f"{ref['nfe_forward']:.0f} NFE ({setting(ref)}), {LABELS['rnode']} "
                       f"{reg['nfe_forward']:.0f} NFE ({setting(reg)}): {equal['ratio']:.2f}x fewer "
                       f"at equal accuracy."]
+    if "nfe_to_reach" in sweep:
+        lines += ["", "The cheapest evaluation of each net at every accuracy on either one's Pareto front:",
+                  "", f"| accuracy | {LABELS['odenet_tight']} NFE | {LABELS['rnode']} NFE | ratio |",
+                  "|---:|---:|---:|---:|"]
+
+        def cell(point):
+            return f"{point['nfe_forward']:.0f} ({setting(point)})" if point else "never"
+
+        for row in sweep["nfe_to_reach"]:
+            ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
+            lines.append(f"| >= {100 * row['test_acc']:.1f} % | {cell(row['odenet_tight'])} | "
+                         f"{cell(row['rnode'])} | {ratio} |")
     return "\n".join(lines + [""])
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from experiments.classify import Config as ClassifyConfig
 from experiments.classify import load
-from experiments.table import Config, equal_accuracy_nfe, memory_vs_depth
+from experiments.table import Config, equal_accuracy_nfe, memory_vs_depth, nfe_to_reach
 
 
 def test_gradient_memory_grows_with_resnet_depth_not_with_odenet_steps():
@@ -88,6 +88,9 @@ def test_tolerance_sweep_reevaluates_trained_nets_at_each_rtol():
     assert sweep["equal_accuracy_any_solver"] == equal_accuracy_nfe(
         sweep["rows"]["odenet_tight"] + sweep["fixed_steps"]["odenet_tight"],
         sweep["rows"]["rnode"] + sweep["fixed_steps"]["rnode"])
+    assert sweep["nfe_to_reach"] == nfe_to_reach(
+        sweep["rows"]["odenet_tight"] + sweep["fixed_steps"]["odenet_tight"],
+        sweep["rows"]["rnode"] + sweep["fixed_steps"]["rnode"])
     with pytest.raises(ValueError, match="model: its parameters do not fit"):
         tolerance_sweep(dataclasses.replace(cfg, channels=(4, 4)), "digits", small, models)
     model = models["rnode"]
@@ -107,6 +110,21 @@ def test_equal_accuracy_takes_each_nets_cheapest_point_at_the_best_accuracy_both
                      "ratio": 80 / 64}
     worse = [{**p, "test_acc": p["test_acc"] - 0.02} for p in regularised]  # best both reach: 97.0 %
     assert equal_accuracy_nfe(reference, worse)["ratio"] == 80 / 70
+
+
+def test_nfe_to_reach_compares_the_cheapest_evaluations_at_every_accuracy_on_either_front():
+    reference = [{"solver": "euler", "steps": 1, "test_acc": 0.85, "nfe_forward": 2},
+                 {"solver": "euler", "steps": 2, "test_acc": 0.948, "nfe_forward": 4},  # dominated
+                 {"solver": "midpoint", "steps": 1, "test_acc": 0.971, "nfe_forward": 4},
+                 {"rtol": 1e-5, "test_acc": 0.985, "nfe_forward": 104}]
+    regularised = [{"solver": "euler", "steps": 1, "test_acc": 0.952, "nfe_forward": 2},
+                   {"solver": "midpoint", "steps": 1, "test_acc": 0.976, "nfe_forward": 4},
+                   {"rtol": 1e-5, "test_acc": 0.976, "nfe_forward": 62}]  # dominated
+    rows = nfe_to_reach(reference, regularised)
+    assert [r["test_acc"] for r in rows] == [0.85, 0.952, 0.971, 0.976, 0.985]
+    assert [r["ratio"] for r in rows] == [1.0, 2.0, 1.0, 104 / 4, None]
+    assert rows[1]["odenet_tight"] is reference[2] and rows[1]["rnode"] is regularised[0]
+    assert rows[4]["rnode"] is None and rows[4]["odenet_tight"] is reference[3]
 
 
 def test_sweep_markdown_gives_the_ratio_per_tolerance_and_at_equal_accuracy():
@@ -136,6 +154,13 @@ def test_sweep_markdown_gives_the_ratio_per_tolerance_and_at_equal_accuracy():
                            "| RK4, 4 steps | 98.4 % | 32 | 99.0 % | 32 |", ""]
     assert lines[16] == ("Among all evaluations, at the best accuracy both reach (98.4 %): ODE-Net 32 NFE "
                          "(RK4, 4 steps), RNODE 8 NFE (RK4, 1 step): 4.00x fewer at equal accuracy.")
+    sweep["nfe_to_reach"] = nfe_to_reach(rows["odenet_tight"] + fixed["odenet_tight"],
+                                         rows["rnode"] + fixed["rnode"])
+    lines = sweep_markdown("MNIST-1D", sweep).splitlines()
+    assert lines[21:] == ["|---:|---:|---:|---:|",
+                          "| >= 90.0 % | 8 (RK4, 1 step) | 8 (RK4, 1 step) | 1.00x |",
+                          "| >= 98.4 % | 32 (RK4, 4 steps) | 8 (RK4, 1 step) | 4.00x |",
+                          "| >= 99.0 % | never | 32 (RK4, 4 steps) | - |"]
 
 
 def test_bad_sweep_settings_fail_before_any_training():
