@@ -227,10 +227,10 @@ def fixed_step_net(cfg: Config, dataset_name: str, dataset, model: nnx.Module, s
                                   rk_steps=steps)
     net = nnx.eval_shape(lambda: build_model(options, dataset))
     net.solver = FIXED_SOLVERS[solver]()
-    params = nnx.state(model, nnx.Param)
-    shapes = [jnp.shape(p) for p in jax.tree.leaves(params)]
-    if (jax.tree.structure(params) != jax.tree.structure(nnx.state(net, nnx.Param))
-            or shapes != [p.shape for p in jax.tree.leaves(nnx.state(net, nnx.Param))]):
+    params, expected = nnx.state(model, nnx.Param), nnx.state(net, nnx.Param)
+    if (jax.tree.structure(params) != jax.tree.structure(expected)
+            or [jnp.shape(p) for p in jax.tree.leaves(params)]
+            != [p.shape for p in jax.tree.leaves(expected)]):
         raise ValueError(f"model: its parameters do not fit an RK-Net of the table's settings "
                          f"(channels {cfg.channels}, norm {cfg.norm}); was it trained with them?")
     nnx.update(net, params)
@@ -273,26 +273,28 @@ def tolerance_sweep(cfg: Config, dataset_name: str, dataset, models: dict[str, n
     return out
 
 
+def _cheapest(points: list[dict], accuracy: float) -> dict | None:
+    """The evaluation with the fewest NFE among `points` at least `accuracy` accurate, or None."""
+    reached = [p for p in points if p["test_acc"] >= accuracy]
+    return min(reached, key=lambda p: p["nfe_forward"]) if reached else None
+
+
 def equal_accuracy_nfe(reference: list[dict], regularised: list[dict]) -> dict:
     """Both nets at the best test accuracy both reach among their evaluations (the lower of their
     best): each one's cheapest evaluation at least that accurate, and `ratio`, the reference's NFE
     over the regularised net's, i.e. how many times fewer field evaluations the regularised net
     needs for the same accuracy when each may choose how it is solved."""
     accuracy = min(max(p["test_acc"] for p in reference), max(p["test_acc"] for p in regularised))
-
-    def cheapest(points):
-        return min((p for p in points if p["test_acc"] >= accuracy), key=lambda p: p["nfe_forward"])
-
-    ref, reg = cheapest(reference), cheapest(regularised)
+    ref, reg = _cheapest(reference, accuracy), _cheapest(regularised, accuracy)
     return {"test_acc": accuracy, "odenet_tight": ref, "rnode": reg,
             "ratio": ref["nfe_forward"] / reg["nfe_forward"]}
 
 
 def nfe_to_reach(reference: list[dict], regularised: list[dict]) -> list[dict]:
     """The cost of accuracy for both nets: at every accuracy on either net's Pareto front (an
-    evaluation that no other is both as cheap and as accurate as), each net's cheapest evaluation at least that accurate
-    (None where it never gets there) and `ratio`, the reference's NFE over the regularised net's
-    (None unless both get there)."""
+    evaluation that no other is both as cheap and as accurate as), each net's cheapest evaluation
+    at least that accurate (None where it never gets there) and `ratio`, the reference's NFE over
+    the regularised net's (None unless both get there)."""
     def front(points):
         def dominates(q, p):
             return (q["nfe_forward"] <= p["nfe_forward"] and q["test_acc"] >= p["test_acc"]
@@ -300,13 +302,9 @@ def nfe_to_reach(reference: list[dict], regularised: list[dict]) -> list[dict]:
 
         return {p["test_acc"] for p in points if not any(dominates(q, p) for q in points)}
 
-    def cheapest(points, accuracy):
-        reached = [p for p in points if p["test_acc"] >= accuracy]
-        return min(reached, key=lambda p: p["nfe_forward"]) if reached else None
-
     rows = []
     for accuracy in sorted(front(reference) | front(regularised)):
-        ref, reg = cheapest(reference, accuracy), cheapest(regularised, accuracy)
+        ref, reg = _cheapest(reference, accuracy), _cheapest(regularised, accuracy)
         rows.append({"test_acc": accuracy, "odenet_tight": ref, "rnode": reg,
                      "ratio": ref["nfe_forward"] / reg["nfe_forward"] if ref and reg else None})
     return rows
