@@ -9,7 +9,7 @@ diffrax), and differentiates the integration with the chosen adjoint.
 from neuralode import analysis, data, fields, models, multigrid, train
 from neuralode.adjoints import BacksolveAdjoint, CheckpointAdjoint, DiscreteAdjoint
 from neuralode.fields import ConvField, DepthStack, MLPField
-from neuralode.solve import Solution, backsolve_reconstruction_error, odeint, solve
+from neuralode.integrate import Solution, backsolve_reconstruction_error, odeint, solve
 from neuralode.solvers import RK4, Dopri5, Euler, Heun, Leapfrog, Midpoint, Tsit5
 
 __all__ = [

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from neuralode.fields import DepthStack
-from neuralode.solve import odeint
+from neuralode.integrate import odeint
 
 # ---------------------------------------------------------------------------------------------
 # Gradient flow

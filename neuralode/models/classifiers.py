@@ -38,7 +38,7 @@ from flax import nnx
 
 from neuralode.adjoints import AbstractAdjoint, BacksolveAdjoint, DiscreteAdjoint
 from neuralode.fields import ConvField, DepthStack
-from neuralode.solve import solve
+from neuralode.integrate import solve
 from neuralode.solvers import RK4, AbstractRungeKutta, AbstractSolver, Dopri5, Euler
 
 
