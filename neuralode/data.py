@@ -1,6 +1,7 @@
 """Classification data sets that work offline, and deterministic minibatches.
 
 Every loader returns a `Dataset` of numpy arrays: inputs channels-last and float32, labels int32.
+`validate_dataset` checks one (what `neuralode.train.train` needs).
 
 - `load_digits`: sklearn's 8x8 digits, NHWC `(N, 8, 8, 1)` in [0, 1], a fixed stratified split of
   1,437 train / 360 test.
@@ -35,7 +36,12 @@ _MNIST_FILES = {
 
 
 class Dataset(NamedTuple):
-    """A train/test split: inputs channels-last float32, labels int32 in [0, num_classes)."""
+    """A train/test split of inputs `x` and targets `y` (numpy arrays, one row per example).
+
+    The loaders return classification data: inputs channels-last float32, labels int32 in
+    [0, num_classes). `neuralode.train.train` with a custom `loss_fn` takes any targets (e.g. float
+    regression targets of shape (N, k)); `num_classes` is then only a record.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -45,27 +51,33 @@ class Dataset(NamedTuple):
     name: str
 
 
-def validate_dataset(dataset: Dataset) -> None:
-    """Raise `ValueError` unless inputs and labels agree in count and labels lie in range."""
+def validate_dataset(dataset: Dataset, *, labels: bool = True) -> None:
+    """Raise `ValueError` naming the problem unless inputs and targets agree in count, train and test
+    inputs in shape, and the training split holds at least one example. With `labels` (what the
+    default classification loss needs) the targets must also be integer labels, one per example, in
+    [0, num_classes)."""
     if not isinstance(dataset, Dataset):
         raise TypeError(f"dataset: expected a neuralode.data.Dataset, found {type(dataset).__name__}")
+    name = f"dataset {dataset.name!r}"
     for split in ("train", "test"):
         x, y = getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}")
-        if y.ndim != 1 or x.ndim < 2 or len(x) != len(y):
-            raise ValueError(
-                f"dataset {dataset.name!r}: x_{split} {x.shape} and y_{split} {y.shape} must hold "
-                "the same number of examples, with y one label per example"
-            )
+        if np.ndim(x) < 1 or np.ndim(y) < 1 or len(x) != len(y):
+            raise ValueError(f"{name}: x_{split} {np.shape(x)} and y_{split} {np.shape(y)} must hold the "
+                             "same number of examples (their first axes)")
+        if not labels:
+            continue
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{name}: y_{split} of shape {y.shape} and dtype {y.dtype}: the default "
+                             "classification loss needs one integer label per example, shape (N,) "
+                             "(pass a loss_fn to train on other targets)")
         if len(y) and (y.min() < 0 or y.max() >= dataset.num_classes):
-            raise ValueError(
-                f"dataset {dataset.name!r}: y_{split} holds labels in [{y.min()}, {y.max()}], "
-                f"expected [0, {dataset.num_classes - 1}]"
-            )
+            raise ValueError(f"{name}: y_{split} holds labels in [{y.min()}, {y.max()}], "
+                             f"expected [0, {dataset.num_classes - 1}]")
+    if len(dataset.x_train) == 0:
+        raise ValueError(f"{name}: x_train holds no examples; training needs at least one")
     if dataset.x_train.shape[1:] != dataset.x_test.shape[1:]:
-        raise ValueError(
-            f"dataset {dataset.name!r}: train inputs {dataset.x_train.shape[1:]} and test inputs "
-            f"{dataset.x_test.shape[1:]} differ in shape"
-        )
+        raise ValueError(f"{name}: train inputs {dataset.x_train.shape[1:]} and test inputs "
+                         f"{dataset.x_test.shape[1:]} differ in shape")
 
 
 def load_digits(seed: int = 0) -> Dataset:

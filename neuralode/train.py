@@ -1,51 +1,60 @@
-"""Training: an optax + `nnx.Optimizer` loop with orbax checkpoints that resume exactly.
+"""Training: an epoch loop around the train step of `neuralode.train_step` that resumes exactly.
 
-`train(model, dataset, config, workdir)` fits any `nnx.Module` classifier in place and returns the
-last epoch's metrics. What it writes under `workdir`:
-
-- `metrics.jsonl`: one JSON record per epoch (train and test metrics, learning rate, timings).
-- `checkpoints/<step>/`: the last `keep_checkpoints` checkpoints, one every `checkpoint_every`
-  steps and one at the end. Each holds the model state (parameters and every other nnx variable:
-  batch statistics, RNG streams), the optimiser state, and the progress (step, epoch, batch within
-  the epoch, the epoch's running metric sums, the config).
+`train(model, dataset, config, workdir)` fits a model in place and returns the last epoch's
+metrics. In the run directory `workdir` (layout, lock and metrics file in `neuralode.rundir`) it
+appends one JSON record per epoch to the metrics file and keeps the last `keep_checkpoints`
+checkpoints (one every `checkpoint_every` steps and one at the end, verified by checksums on
+restore: `neuralode.checkpoints`), each holding the model state (parameters and every other nnx
+variable: batch statistics, RNG streams), the optimiser state, the progress (step, epoch, batch
+within the epoch, the epoch's running metric sums) and the settings.
 
 The data order of epoch `e` is drawn from `np.random.default_rng([config.seed, e])`, so a run
 resumed in the middle of an epoch regenerates that epoch's order and skips the batches already
-seen: `train(..., resume=True)` after an interruption at any moment ends with the same parameters,
-bit for bit, as a run that was never interrupted (on the same machine).
+seen: `train(..., resume=True)` after an interruption at any moment (SIGKILL included) ends with the
+same parameters, bit for bit, as a run that was never interrupted (on the same machine). SIGINT
+(Ctrl-C) and SIGTERM let the current step finish, save a checkpoint of it, and stop: SIGINT raises
+`KeyboardInterrupt`, SIGTERM exits with status 143 (a second signal stops at once, saving nothing).
 
-A custom `loss_fn(model, x, y) -> (loss, metrics)` replaces the default cross-entropy, e.g. to add
-a regularisation term or to report solver statistics (NFE); every scalar in `metrics` is averaged
-over the epoch, weighted by batch size, and logged with a `train_`/`test_` prefix.
+The default loss is `classification_loss` (cross-entropy against integer labels, through
+`model.forward` where the model has it, so RNODE's regulariser is trained). A custom
+`loss_fn(model, x, y) -> (loss, metrics)` replaces it, for targets `y` of any shape (regression,
+several outputs); every scalar in `metrics` is averaged over the epoch, weighted by batch size, and
+logged with a `train_`/`test_` prefix.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import shutil
+import signal
+import sys
+import threading
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
+from neuralode import rundir
+from neuralode.checkpoints import ARRAYS_KEY, CheckpointStore, layout_differences
 from neuralode.data import Dataset, batches, num_batches, random_shift, validate_dataset
-
-LossFn = Callable[[nnx.Module, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+from neuralode.rundir import read_metrics
+from neuralode.train_step import (LossFn, classification_loss, classification_metrics, make_eval_step,
+                                  make_train_state, make_train_step, param_dtype)
 
 SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
 # Config fields that may change between a run and its resumption without changing the numbers.
 _RESUMABLE_CHANGES = frozenset({"checkpoint_every", "keep_checkpoints", "progress"})
+
+__all__ = ["TrainConfig", "classification_loss", "classification_metrics", "learning_rate_schedule",
+           "make_optimizer", "make_train_state", "make_train_step", "param_dtype", "read_metrics", "train"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,18 +90,20 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TrainConfig.{name}: expected a positive integer, found {value!r}")
-        for name in ("warmup_steps", "augment_shift"):
+        for name in ("warmup_steps", "augment_shift", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"TrainConfig.{name}: expected an integer >= 0, found {value!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"TrainConfig.seed: expected an integer >= 0, found {self.seed!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"TrainConfig.learning_rate: expected > 0, found {self.learning_rate!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"TrainConfig.weight_decay: expected >= 0, found {self.weight_decay!r}")
-        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
-            raise ValueError(f"TrainConfig.grad_clip_norm: expected None or > 0, found {self.grad_clip_norm!r}")
+        for name, low, strict in (("learning_rate", 0, True), ("weight_decay", 0, False),
+                                  ("grad_clip_norm", 0, True)):
+            value = getattr(self, name)
+            if value is None and name == "grad_clip_norm":
+                continue
+            finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not finite or value < low or (strict and value == low):
+                expected = f"a finite number {'>' if strict else '>='} {low}"
+                expected = "None or " + expected if name == "grad_clip_norm" else expected
+                raise ValueError(f"TrainConfig.{name}: expected {expected}, found {value!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"TrainConfig.schedule: unknown {self.schedule!r}, expected one of {SCHEDULES}")
         if self.optimizer not in OPTIMIZERS:
@@ -127,159 +138,247 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
     return tx
 
 
-def classification_metrics(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean softmax cross-entropy of `logits` (batch, classes) against integer `labels`, and accuracy."""
-    if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"logits: expected shape (batch, num_classes) with batch {labels.shape[0]}, found {logits.shape}"
-        )
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    predicted = jnp.argmax(logits, axis=-1)
-    accuracy = (predicted == labels.astype(predicted.dtype)).astype(logits.dtype).mean()
-    return loss, {"loss": loss, "accuracy": accuracy}
+# --- the loop ------------------------------------------------------------------------------------
 
 
-def cross_entropy_loss(model: nnx.Module, x: jax.Array, y: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The default `loss_fn`: `model(x)` are the logits."""
-    return classification_metrics(model(x), y)
+@dataclasses.dataclass
+class _Progress:
+    """Where a run stands; saved with every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0  # epochs finished
+    batch: int = 0  # batches of the current epoch done
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)  # of metrics x batch size
+    examples: int = 0  # in the current epoch
+    epoch_seconds: float = 0.0  # spent on the current epoch before this process took it over
+    train_seconds: float = 0.0  # of the finished epochs
+
+    def add(self, metrics: dict[str, Any], count: int) -> None:
+        for name, value in metrics.items():
+            if np.ndim(value) != 0:
+                raise ValueError(f"loss_fn: metric {name!r} has shape {np.shape(value)}, expected a scalar")
+            self.sums[name] = self.sums.get(name, 0.0) + float(value) * count
+        self.examples += count
+        self.step += 1
+        self.batch += 1
+
+    def means(self) -> dict[str, float]:
+        return {name: total / self.examples for name, total in self.sums.items()}
 
 
-def classification_loss(model: nnx.Module, x: jax.Array, y: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`loss_fn` for the classifiers of `neuralode.models`: `model.forward(x)` gives `(logits,
-    stats)`; the loss is the cross-entropy plus `stats["regularisation"]` (RNODE) where present, and
-    every stat (NFE, regularisation terms) is logged as a metric beside `cross_entropy`."""
-    logits, stats = model.forward(x)
-    loss, metrics = classification_metrics(logits, y)
-    metrics["cross_entropy"] = loss
-    if "regularisation" in stats:
-        loss = loss + stats["regularisation"]
-        metrics["loss"] = loss
-    metrics.update({name: jnp.asarray(value, logits.dtype) for name, value in stats.items()})
-    return loss, metrics
+class _StopOnSignal:
+    """Within the block, SIGINT and SIGTERM only set `received`; the loop saves and calls `stop`.
+    A second signal acts as if this handler were not there (KeyboardInterrupt, termination)."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-def param_dtype(model: nnx.Module) -> np.dtype:
-    """The dtype of the model's floating-point parameters, to which input batches are cast."""
-    dtypes = {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))
-              if jnp.issubdtype(leaf.dtype, jnp.floating)}
-    if len(dtypes) != 1:
-        raise ValueError(f"model: expected floating parameters of one dtype, found {sorted(map(str, dtypes))}")
-    return np.dtype(dtypes.pop())
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
 
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # only there can Python catch signals
+            for signum in self.SIGNALS:
+                if signal.getsignal(signum) not in (signal.SIG_IGN, None):  # None: set outside Python
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
 
-def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The per-epoch records of `workdir/metrics.jsonl`, in order.
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
-    An incomplete last line (a process killed while writing it) is skipped with a warning; a
-    resumed run rewrites the file without it.
-    """
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        *lines, tail = f.read().split("\n")
-    records = [json.loads(line) for line in lines if line.strip()]
-    if tail.strip():
-        try:
-            records.append(json.loads(tail))
-        except json.JSONDecodeError:
-            warnings.warn(f"{path}: skipping an incomplete last line {tail[:40]!r}", RuntimeWarning, stacklevel=2)
-    return records
-
-
-def _write_metrics(workdir: str, records: list[dict[str, Any]]) -> None:
-    """Replace metrics.jsonl atomically (a resumed run drops the records after its checkpoint)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(record) + "\n" for record in records)
-    os.replace(path + ".tmp", path)
-
-
-def _append_metrics(workdir: str, record: dict[str, Any]) -> None:
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-class _Checkpoints:
-    """An orbax `CheckpointManager` over {model, optimizer} state plus a JSON progress record."""
-
-    def __init__(self, workdir: str, config: TrainConfig):
-        self.workdir = workdir
-        self.directory = os.path.join(workdir, "checkpoints")
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep_checkpoints,
-            save_interval_steps=config.checkpoint_every,
-            enable_async_checkpointing=False,  # a save is complete on disk when save() returns
-            cleanup_tmp_directories=True,  # partial saves of a killed run
-        )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
-
-    def save(self, step: int, state: Any, progress: dict[str, Any], *, force: bool = False) -> None:
-        if force or self.manager.should_save(step):
-            args = ocp.args.Composite(state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress))
-            self.manager.save(step, args=args, force=force)
-
-    def restore(self, target_state: Any) -> tuple[Any, dict[str, Any]]:
-        """The newest usable checkpoint, falling back to older ones with a warning.
-
-        Unusable newer checkpoints are moved to `workdir/unusable_checkpoints/` (never deleted) so
-        the resumed run can save its own steps again.
-        """
-        steps = sorted(self.manager.all_steps(), reverse=True)
-        if not steps:
-            raise FileNotFoundError(
-                f"resume=True but {self.directory} holds no checkpoint; nothing to resume "
-                "(use resume=False and an empty workdir to start a new run)"
-            )
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-        failures = []
-        for step in steps:
-            try:
-                restored = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()),
-                )
-                progress = dict(restored.progress)
-                saved_step = int(restored.state["optimizer"]["step"][...])
-                if progress.get("step") != step or saved_step != step:
-                    raise ValueError(
-                        f"progress says step {progress.get('step')}, optimizer says {saved_step}, directory {step}"
-                    )
-            except Exception as error:  # any failure: report it, then try the previous checkpoint
-                failures.append(f"step {step}: {type(error).__name__}: {error}")
-                warnings.warn(
-                    f"checkpoint {os.path.join(self.directory, str(step))} is unusable "
-                    f"({type(error).__name__}: {error}); trying the previous one",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                continue
-            self._set_aside([s for s in steps if s > step])
-            return restored.state, progress
-        raise RuntimeError(
-            f"resume=True but none of the {len(steps)} checkpoints in {self.directory} can be restored:\n  "
-            + "\n  ".join(failures)
-        )
-
-    def _set_aside(self, steps: list[int]) -> None:
-        if not steps:
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            self.received = signum
             return
-        aside = os.path.join(self.workdir, "unusable_checkpoints")
-        os.makedirs(aside, exist_ok=True)
-        for step in steps:
-            target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-            shutil.move(os.path.join(self.directory, str(step)), target)
-            warnings.warn(f"moved unusable checkpoint of step {step} to {target}", RuntimeWarning, stacklevel=4)
-        self.manager.reload()
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        self.__exit__()
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            os.kill(os.getpid(), signum)  # the default action, now restored
 
-    def close(self) -> None:
-        self.manager.close()
+    def stop(self, step: int, directory: str) -> None:
+        name = signal.Signals(self.received).name
+        print(f"{name} received: saved the checkpoint of step {step} in {directory}; "
+              "train(..., resume=True) continues from it", file=sys.stderr, flush=True)
+        if self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + self.received)
 
 
-def _check_config_matches(saved: dict[str, Any], config: TrainConfig) -> None:
-    current = dataclasses.asdict(config)
+def train(
+    model: nnx.Module,
+    dataset: Dataset,
+    config: TrainConfig,
+    workdir: str | os.PathLike,
+    resume: bool = False,
+    loss_fn: LossFn = classification_loss,
+    model_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train `model` in place on `dataset`; return the last epoch's record of the metrics file.
+
+    `model` maps a batch of inputs (cast to its parameter dtype) to logits (see
+    `classification_loss`), or is whatever `loss_fn(model, x, y) -> (scalar loss, {name: scalar
+    metric})` expects. Training calls `model.train()` and evaluation `model.eval()` (Dropout,
+    BatchNorm); the model is left in eval mode. With `resume=True` the newest usable checkpoint in
+    `workdir` is restored into `model` (built as for the original run) and training continues from
+    exactly that point; without it, `workdir` must not hold an earlier run. One process at a time
+    trains in a `workdir` (`neuralode.rundir.lock`). `model_config` (JSON-able) records the
+    settings outside `config` that change the numbers (the model's, the loss's): it is saved with
+    every checkpoint, and resuming with different ones (or a different `config`, data set or array
+    shapes) is refused before anything is restored, naming what changed.
+    """
+    _check_arguments(model, dataset, config, loss_fn)
+    workdir = os.path.abspath(os.fspath(workdir))
+    dtype = param_dtype(model)
+    steps_per_epoch = num_batches(len(dataset.x_train), config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    model.eval()
+    eval_step = make_eval_step(nnx.graphdef(model), loss_fn)
+    model.train()
+    graphdef, state = make_train_state(model, make_optimizer(config, total_steps))
+    train_step = make_train_step(graphdef, loss_fn)
+    identity = {"config": dataclasses.asdict(config), "dataset": _describe(dataset),
+                "model_config": json.loads(json.dumps(model_config or {}))}  # tuples as the JSON lists
+
+    with _StopOnSignal() as stop, rundir.lock(workdir), CheckpointStore(
+            rundir.checkpoints_dir(workdir), keep=config.keep_checkpoints, every=config.checkpoint_every) as store:
+        if not resume and rundir.holds_run(workdir):
+            raise FileExistsError(f"workdir {workdir} already holds a run (metrics or checkpoints); "
+                                  "pass resume=True to continue it, or use an empty workdir")
+        store.check_writable(state)
+        progress = _Progress()
+        if resume:
+            state, progress = _restore(store, state, identity)
+            rundir.write_metrics(workdir, [r for r in read_metrics(workdir) if r["epoch"] <= progress.epoch])
+        schedule = learning_rate_schedule(config, total_steps)
+        bar = tqdm(total=total_steps, initial=progress.step, disable=not config.progress, desc="train")
+        try:
+            while progress.epoch < config.epochs:
+                started = time.perf_counter()
+                for x, y in _training_batches(dataset, config, progress.epoch, progress.batch):
+                    state, metrics = train_step(state, x.astype(dtype), y)
+                    progress.add(jax.device_get(metrics), len(y))
+                    bar.update()
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in progress.means().items()
+                                     if k in ("loss", "accuracy")}, refresh=False)
+                    if progress.batch < steps_per_epoch:  # the epoch's last step is saved after its record
+                        _save(store, stop, state, progress, identity, started=started)
+                seconds = progress.epoch_seconds + time.perf_counter() - started
+                progress.train_seconds += seconds
+                test = _evaluate(eval_step, state["model"], dataset, config.eval_batch_size, dtype)
+                rundir.append_metrics(workdir, {
+                    "epoch": progress.epoch + 1, "step": progress.step,
+                    "learning_rate": float(schedule(progress.step - 1)),
+                    **{f"train_{k}": v for k, v in progress.means().items()},
+                    **{f"test_{k}": v for k, v in test.items()},
+                    "epoch_seconds": seconds, "train_seconds": progress.train_seconds})
+                progress = dataclasses.replace(progress, epoch=progress.epoch + 1, batch=0, sums={},
+                                               examples=0, epoch_seconds=0.0)
+                _save(store, stop, state, progress, identity, force=progress.epoch == config.epochs)
+        finally:
+            bar.close()
+    nnx.update(model, state["model"])
+    model.eval()
+    return read_metrics(workdir)[-1]
+
+
+def _check_arguments(model: nnx.Module, dataset: Dataset, config: TrainConfig, loss_fn: LossFn) -> None:
+    """What can be refused before anything is written: the data set, the config against the data,
+    and (for the default loss) the model's outputs."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config: expected a TrainConfig, found {type(config).__name__}")
+    default_loss = loss_fn is classification_loss
+    validate_dataset(dataset, labels=default_loss)
+    if config.augment_shift:
+        spatial = dataset.x_train.shape[1:-1]
+        if not spatial:
+            raise ValueError(f"TrainConfig.augment_shift: shifts need channels-last inputs (N, *spatial, C), "
+                             f"found x_train of shape {dataset.x_train.shape}")
+        if config.augment_shift >= min(spatial):
+            raise ValueError(f"TrainConfig.augment_shift: {config.augment_shift} is not below the spatial size "
+                             f"{min(spatial)} of the inputs {dataset.x_train.shape[1:]}; a shift that large "
+                             "moves whole examples out of the frame, leaving zeros")
+    if default_loss:
+        _check_logits(model, dataset)
+
+
+def _check_logits(model: nnx.Module, dataset: Dataset) -> None:
+    x = dataset.x_train[:2].astype(param_dtype(model))
+    if hasattr(model, "forward"):
+        out = nnx.eval_shape(lambda m, x: m.forward(x), model, x)
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
+            raise ValueError(
+                f"model: the default loss calls `logits, stats = model.forward(x)` (the protocol of "
+                f"neuralode.models), but {type(model).__name__}.forward returns {type(out).__name__}; "
+                "pass a loss_fn that knows the model's outputs")
+        out = out[0]
+    else:
+        out = nnx.eval_shape(lambda m, x: m(x), model, x)
+    found = getattr(out, "shape", type(out).__name__)
+    if found != (2, dataset.num_classes):
+        raise ValueError(
+            f"model: maps a batch of 2 inputs {dataset.x_train.shape[1:]} to {found}, expected "
+            f"logits of shape (2, {dataset.num_classes}) (or pass a loss_fn that knows its outputs)")
+
+
+def _training_batches(dataset: Dataset, config: TrainConfig, epoch: int, start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The batches of `epoch` from batch `start` on, shifted if `config.augment_shift`."""
+    order = np.random.default_rng([config.seed, epoch])
+    for index, (x, y) in enumerate(batches(dataset.x_train, dataset.y_train, config.batch_size, order,
+                                           start=start), start):
+        if config.augment_shift:
+            shifts = np.random.SeedSequence([config.seed, epoch], spawn_key=(index,))
+            x = random_shift(x, config.augment_shift, np.random.default_rng(shifts))
+        yield x, y
+
+
+def _evaluate(eval_step: Callable, model_state: nnx.State, dataset: Dataset, batch_size: int,
+              dtype: np.dtype) -> dict[str, float]:
+    """The test split's metrics, averaged over examples."""
+    totals = _Progress()
+    for x, y in batches(dataset.x_test, dataset.y_test, batch_size):
+        totals.add(jax.device_get(eval_step(model_state, x.astype(dtype), y)), len(y))
+    return totals.means() if totals.examples else {}
+
+
+def _save(store: CheckpointStore, stop: _StopOnSignal, state: nnx.State, progress: _Progress,
+          identity: dict[str, Any], *, started: float | None = None, force: bool = False) -> None:
+    """Checkpoint the step if one is due, or `force`d, or a stop signal came; then obey the signal.
+    `started`: when this process began the current epoch (None at an epoch's end)."""
+    elapsed = progress.epoch_seconds + (time.perf_counter() - started if started is not None else 0.0)
+    record = {**dataclasses.asdict(progress), "epoch_seconds": elapsed, **identity}
+    store.save(progress.step, state, record, force=force or stop.received is not None)
+    if stop.received is not None:
+        stop.stop(progress.step, store.directory)
+
+
+def _restore(store: CheckpointStore, state: nnx.State, identity: dict[str, Any]) -> tuple[nnx.State, _Progress]:
+    """The newest usable checkpoint, after checking (on the record alone, before any array is read)
+    that it comes from the same settings, data and array shapes."""
+    newest = store.newest_record()
+    if newest is not None:
+        _check_resumable(newest, identity, state)
+    state, record = store.restore(state)
+    _check_resumable(record, identity, state)
+    return state, _Progress(**{f.name: record[f.name] for f in dataclasses.fields(_Progress)})
+
+
+def _check_resumable(record: dict[str, Any], identity: dict[str, Any], state: nnx.State) -> None:
+    _check_config_matches(record["config"], identity["config"])
+    _check_model_config_matches(record.get("model_config"), identity["model_config"])
+    if record["dataset"] != identity["dataset"]:
+        raise ValueError(f"dataset: checkpoint was trained on {record['dataset']}, now {identity['dataset']}")
+    differences = layout_differences(record.get(ARRAYS_KEY) or {}, state) if ARRAYS_KEY in record else []
+    if differences:
+        shown = differences[:8] + ([f"... and {len(differences) - 8} more"] if len(differences) > 8 else [])
+        raise ValueError("model: its arrays differ from the checkpointed run's (built with other settings?):\n  "
+                         + "\n  ".join(shown))
+
+
+def _check_config_matches(saved: dict[str, Any], current: dict[str, Any]) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     saved = {**defaults, **saved}  # a field added since the checkpoint was written has its default
     changed = {k: (saved[k], v) for k, v in current.items() if saved[k] != v and k not in _RESUMABLE_CHANGES}
@@ -300,145 +399,6 @@ def _refuse_changes(argument: str, changed: dict[str, tuple[Any, Any]]) -> None:
         raise ValueError(f"{argument}: resuming with settings that differ from the checkpointed run ({details})")
 
 
-def train(
-    model: nnx.Module,
-    dataset: Dataset,
-    config: TrainConfig,
-    workdir: str | os.PathLike,
-    resume: bool = False,
-    loss_fn: LossFn = cross_entropy_loss,
-    model_config: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Train `model` in place on `dataset`; return the last epoch's record of metrics.jsonl.
-
-    `model` maps a batch of inputs (cast to its parameter dtype) to logits, or is whatever
-    `loss_fn(model, x, y) -> (scalar loss, {name: scalar metric})` expects. Training calls
-    `model.train()` and evaluation `model.eval()` (Dropout, BatchNorm); the model is left in eval
-    mode. With `resume=True` the newest usable checkpoint in `workdir` is restored into `model`
-    (built as for the original run) and training continues from exactly that point; without it,
-    `workdir` must not hold an earlier run. `model_config` (JSON-able) records the settings outside
-    `config` that change the numbers (the model's, the loss's): it is saved with every checkpoint,
-    and resuming with different ones (or a different `config`) is refused, naming what changed.
-    """
-    validate_dataset(dataset)
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config: expected a TrainConfig, found {type(config).__name__}")
-    workdir = os.path.abspath(os.fspath(workdir))
-    if not resume and (_has_metrics(workdir) or _has_checkpoints(workdir)):
-        raise FileExistsError(
-            f"workdir {workdir} already holds a run (metrics.jsonl or checkpoints); "
-            "pass resume=True to continue it, or use an empty workdir"
-        )
-    os.makedirs(workdir, exist_ok=True)
-
-    dtype = param_dtype(model)
-    steps_per_epoch = num_batches(len(dataset.x_train), config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    schedule = learning_rate_schedule(config, total_steps)
-    optimizer = nnx.Optimizer(model, make_optimizer(config, total_steps), wrt=nnx.Param)
-    if loss_fn is cross_entropy_loss:
-        logits = nnx.eval_shape(lambda m, x: m(x), model, dataset.x_train[:2].astype(dtype))
-        found = getattr(logits, "shape", type(logits).__name__)
-        if found != (2, dataset.num_classes):
-            raise ValueError(
-                f"model: maps a batch of 2 inputs {dataset.x_train.shape[1:]} to {found}, expected "
-                f"logits of shape (2, {dataset.num_classes}) (or pass a loss_fn that knows its outputs)"
-            )
-
-    model.eval()
-    eval_graphdef = nnx.graphdef(model)
-    model.train()
-    graphdef, state = nnx.split({"model": model, "optimizer": optimizer})
-
-    @jax.jit
-    def train_step(state, x, y):
-        parts = nnx.merge(graphdef, state)
-        step_model, step_optimizer = parts["model"], parts["optimizer"]
-        (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(step_model, x, y)
-        with jax.numpy_dtype_promotion("standard"):  # optax computes `decay ** count` (float ** int32)
-            step_optimizer.update(step_model, grads)
-        return nnx.state(parts), metrics
-
-    @jax.jit
-    def eval_step(model_state, x, y):
-        return loss_fn(nnx.merge(eval_graphdef, model_state), x, y)[1]
-
-    checkpoints = _Checkpoints(workdir, config)
-    progress = {"step": 0, "epoch": 0, "batch": 0, "sums": {}, "examples": 0, "epoch_seconds": 0.0,
-                "train_seconds": 0.0, "config": dataclasses.asdict(config), "dataset": _describe(dataset),
-                "model_config": json.loads(json.dumps(model_config or {}))}  # tuples as the JSON lists
-    if resume:
-        state, saved = checkpoints.restore(state)
-        _check_config_matches(saved["config"], config)
-        _check_model_config_matches(saved.get("model_config"), progress["model_config"])
-        if saved["dataset"] != progress["dataset"]:
-            raise ValueError(f"dataset: checkpoint was trained on {saved['dataset']}, now {progress['dataset']}")
-        progress = {**saved, "config": dataclasses.asdict(config), "model_config": progress["model_config"]}
-        _write_metrics(workdir, [r for r in read_metrics(workdir) if r["epoch"] <= progress["epoch"]])
-
-    def evaluate(model_state) -> dict[str, float]:
-        sums, count = {}, 0
-        for x, y in batches(dataset.x_test, dataset.y_test, config.eval_batch_size):
-            _accumulate(sums, jax.device_get(eval_step(model_state, x.astype(dtype), y)), len(y))
-            count += len(y)
-        return {k: v / count for k, v in sums.items()}
-
-    bar = tqdm(total=total_steps, initial=progress["step"], disable=not config.progress, desc="train")
-    try:
-        while progress["epoch"] < config.epochs:
-            epoch = progress["epoch"]
-            order = np.random.default_rng([config.seed, epoch])
-            started = time.perf_counter()
-            for x, y in batches(dataset.x_train, dataset.y_train, config.batch_size, order, start=progress["batch"]):
-                if config.augment_shift:
-                    shifts = np.random.SeedSequence([config.seed, epoch], spawn_key=(progress["batch"],))
-                    x = random_shift(x, config.augment_shift, np.random.default_rng(shifts))
-                state, metrics = train_step(state, x.astype(dtype), y)
-                _accumulate(progress["sums"], jax.device_get(metrics), len(y))
-                progress["examples"] += len(y)
-                progress["step"] += 1
-                progress["batch"] += 1
-                bar.update()
-                bar.set_postfix({k: f"{v / progress['examples']:.4f}" for k, v in progress["sums"].items()
-                                 if k in ("loss", "accuracy")}, refresh=False)
-                if progress["batch"] < steps_per_epoch:
-                    elapsed = progress["epoch_seconds"] + time.perf_counter() - started
-                    checkpoints.save(progress["step"], state, {**progress, "epoch_seconds": elapsed})
-            seconds = progress["epoch_seconds"] + time.perf_counter() - started
-            progress["train_seconds"] += seconds
-            record = {"epoch": epoch + 1, "step": progress["step"],
-                      "learning_rate": float(schedule(progress["step"] - 1))}
-            record.update({f"train_{k}": v / progress["examples"] for k, v in progress["sums"].items()})
-            record.update({f"test_{k}": v for k, v in evaluate(state["model"]).items()})
-            record.update({"epoch_seconds": seconds, "train_seconds": progress["train_seconds"]})
-            _append_metrics(workdir, record)
-            progress.update(epoch=epoch + 1, batch=0, sums={}, examples=0, epoch_seconds=0.0)
-            checkpoints.save(progress["step"], state, progress, force=progress["epoch"] == config.epochs)
-    finally:
-        bar.close()
-        checkpoints.close()
-    nnx.update(model, state["model"])
-    model.eval()
-    return read_metrics(workdir)[-1]
-
-
-def _accumulate(sums: dict[str, float], metrics: dict[str, Any], count: int) -> None:
-    for name, value in metrics.items():
-        if np.ndim(value) != 0:
-            raise ValueError(f"loss_fn: metric {name!r} has shape {np.shape(value)}, expected a scalar")
-        sums[name] = sums.get(name, 0.0) + float(value) * count
-
-
 def _describe(dataset: Dataset) -> dict[str, Any]:
     return {"name": dataset.name, "train": list(dataset.x_train.shape), "test": list(dataset.x_test.shape),
             "num_classes": int(dataset.num_classes)}
-
-
-def _has_metrics(workdir: str) -> bool:
-    path = os.path.join(workdir, "metrics.jsonl")
-    return os.path.exists(path) and os.path.getsize(path) > 0
-
-
-def _has_checkpoints(workdir: str) -> bool:
-    directory = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))

@@ -216,10 +216,34 @@ def test_mnist_count_mismatch_and_label_range(tmp_path):
 
 def test_validate_dataset_names_the_problem():
     ds = data.load_digits()
+    data.validate_dataset(ds)
     bad = ds._replace(y_test=ds.y_test + 5)
     with pytest.raises(ValueError, match=r"y_test holds labels in \[5, 14\], expected \[0, 9\]"):
         data.validate_dataset(bad)
-    with pytest.raises(ValueError, match="x_train .* and y_train .* must hold the same number"):
+    with pytest.raises(ValueError, match=r"x_train \(1437, 8, 8, 1\) and y_train \(1436,\) must hold the same "
+                                         r"number of examples \(their first axes\)"):
         data.validate_dataset(ds._replace(y_train=ds.y_train[:-1]))
     with pytest.raises(TypeError, match="dataset: expected a neuralode.data.Dataset, found tuple"):
         data.validate_dataset(tuple(ds))
+    with pytest.raises(ValueError, match="dataset 'digits': x_train holds no examples; training needs at least one"):
+        data.validate_dataset(ds._replace(x_train=ds.x_train[:0], y_train=ds.y_train[:0]))
+    empty_test = ds._replace(x_test=ds.x_test[:0], y_test=ds.y_test[:0])
+    data.validate_dataset(empty_test)  # training without a test split is allowed
+
+
+def test_validate_dataset_takes_any_targets_without_labels():
+    """Regression data: float targets of shape (N, k), as many as the inputs. Only the default
+    classification loss needs integer labels, and the message says so (not "example counts")."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 3)), rng.normal(size=(20, 2))
+    regression = data.Dataset(x[:15], y[:15], x[15:], y[15:], 0, "regression")
+    data.validate_dataset(regression, labels=False)
+    with pytest.raises(ValueError, match=r"dataset 'regression': y_train of shape \(15, 2\) and dtype float64: the "
+                                         r"default classification loss needs one integer label per example, shape "
+                                         r"\(N,\) \(pass a loss_fn to train on other targets\)"):
+        data.validate_dataset(regression)
+    floats = data.load_digits()._replace(y_train=data.load_digits().y_train.astype(np.float32))
+    with pytest.raises(ValueError, match="y_train of shape \\(1437,\\) and dtype float32"):
+        data.validate_dataset(floats)
+    with pytest.raises(ValueError, match=r"x_test \(5, 3\) and y_test \(4, 2\) must hold the same number"):
+        data.validate_dataset(regression._replace(y_test=y[16:]), labels=False)

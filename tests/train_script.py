@@ -1,7 +1,8 @@
 """A tiny, fully determined training run, shared by test_train.py in-process and in subprocesses.
 
-`python tests/train_script.py WORKDIR {fresh,resume}` trains, then writes the final parameters to
-WORKDIR/final_params.npz. The model has Dropout, so its RNG stream must survive a resume too.
+`python tests/train_script.py WORKDIR {fresh,resume} [HIDDEN]` trains, then writes the final
+parameters to WORKDIR/final_params.npz. The model has Dropout, so its RNG stream must survive a
+resume too. HIDDEN (default 32) is the hidden width: another one is another architecture.
 """
 
 import os
@@ -44,8 +45,8 @@ def tiny_dataset() -> Dataset:
     return Dataset(x[:160], y[:160], x[160:], y[160:], 4, "blobs")
 
 
-def make_model(seed: int = 0) -> MLP:
-    return MLP(8, 32, 4, rngs=nnx.Rngs(seed))
+def make_model(seed: int = 0, hidden: int = 32) -> MLP:
+    return MLP(8, hidden, 4, rngs=nnx.Rngs(seed))
 
 
 def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -53,13 +54,13 @@ def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
-def run(workdir: str, resume: bool = False, config: TrainConfig = CONFIG) -> MLP:
-    model = make_model()
+def run(workdir: str, resume: bool = False, config: TrainConfig = CONFIG, hidden: int = 32) -> MLP:
+    model = make_model(hidden=hidden)
     train(model, tiny_dataset(), config, workdir, resume=resume)
     return model
 
 
 if __name__ == "__main__":
-    workdir, mode = sys.argv[1], sys.argv[2]
-    model = run(workdir, resume=mode == "resume")
+    workdir, mode, *hidden = sys.argv[1:]
+    model = run(workdir, resume=mode == "resume", hidden=int(hidden[0]) if hidden else 32)
     np.savez(os.path.join(workdir, "final_params.npz"), **flat_params(model))

@@ -1,0 +1,100 @@
+"""The train step: a pure, jitted optimiser step over a model split into graph and state, and losses.
+
+`graphdef, state = make_train_state(model, tx)` splits a model and its `nnx.Optimizer` into a graph
+definition and a pytree of arrays; `step = make_train_step(graphdef, loss_fn)` is the jitted
+`step(state, *batch) -> (state, metrics)` that takes one optimiser step on
+`loss_fn(model, *batch) -> (loss, metrics)`. It is pure in `(state, batch)`: a training loop is a
+`for` over batches (`neuralode.train.train` is one), and shardings can be applied to it from outside.
+`nnx.update(model, state["model"])` writes the result back into the model:
+
+    graphdef, state = make_train_state(model, optax.adam(1e-3))
+    step = make_train_step(graphdef, lambda m, x, y: (loss := mse(m(x), y), {"loss": loss}))
+    for x, y in data:
+        state, metrics = step(state, x, y)
+    nnx.update(model, state["model"])
+
+`classification_loss` is the loss `train` uses by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+TrainStep = Callable[..., tuple[nnx.State, dict[str, jax.Array]]]
+
+
+def classification_metrics(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean softmax cross-entropy of `logits` (batch, classes) against integer `labels`, and accuracy."""
+    if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"logits: expected shape (batch, num_classes) with batch {labels.shape[0]}, found {logits.shape}"
+        )
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    predicted = jnp.argmax(logits, axis=-1)
+    accuracy = (predicted == labels.astype(predicted.dtype)).astype(logits.dtype).mean()
+    return loss, {"loss": loss, "accuracy": accuracy}
+
+
+def classification_loss(model: nnx.Module, x: jax.Array, y: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The default `loss_fn`: softmax cross-entropy of the model's logits against integer labels `y`.
+
+    A model with a `forward(x) -> (logits, stats)` method (the classifiers of `neuralode.models`)
+    is called through it: `stats["regularisation"]` (RNODE's kinetic and Jacobian terms, in
+    training mode) is added to the loss, and every stat (NFE, the terms) is logged as a metric.
+    Any other model's `model(x)` are the logits. Metrics: `loss` (what is minimised),
+    `cross_entropy`, `accuracy`, and the stats.
+    """
+    logits, stats = model.forward(x) if hasattr(model, "forward") else (model(x), {})
+    loss, metrics = classification_metrics(logits, y)
+    metrics["cross_entropy"] = loss
+    if "regularisation" in stats:
+        loss = loss + stats["regularisation"]
+        metrics["loss"] = loss
+    metrics.update({name: jnp.asarray(value, logits.dtype) for name, value in stats.items()})
+    return loss, metrics
+
+
+def param_dtype(model: nnx.Module) -> np.dtype:
+    """The dtype of the model's floating-point parameters, to which input batches are cast."""
+    dtypes = {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))
+              if jnp.issubdtype(leaf.dtype, jnp.floating)}
+    if len(dtypes) != 1:
+        raise ValueError(f"model: expected floating parameters of one dtype, found {sorted(map(str, dtypes))}")
+    return np.dtype(dtypes.pop())
+
+
+def make_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, nnx.State]:
+    """`nnx.split` of `{"model": model, "optimizer": nnx.Optimizer(model, tx, wrt=nnx.Param)}`: the
+    graph definition (with the model's train/eval mode as it is now) and the state `make_train_step`
+    steps, a pytree of arrays `{"model": ..., "optimizer": ...}`."""
+    return nnx.split({"model": model, "optimizer": nnx.Optimizer(model, tx, wrt=nnx.Param)})
+
+
+def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn) -> TrainStep:
+    """The jitted optimiser step `step(state, *batch) -> (state, metrics)` for the graph definition
+    of `make_train_state`: the gradient of `loss_fn(model, *batch) -> (loss, metrics)` with respect
+    to the parameters, applied by the optimiser. Pure: nothing outside `state` is read or changed."""
+
+    @jax.jit
+    def step(state: nnx.State, *batch: Any) -> tuple[nnx.State, dict[str, jax.Array]]:
+        parts = nnx.merge(graphdef, state)
+        model, optimizer = parts["model"], parts["optimizer"]
+        (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, *batch)
+        with jax.numpy_dtype_promotion("standard"):  # optax computes `decay ** count` (float ** int32)
+            optimizer.update(model, grads)
+        return nnx.state(parts), metrics
+
+    return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn) -> Callable[..., dict[str, jax.Array]]:
+    """The jitted `metrics = evaluate(model_state, *batch)` of `loss_fn` for a model graph definition."""
+    return jax.jit(lambda model_state, *batch: loss_fn(nnx.merge(graphdef, model_state), *batch)[1])
