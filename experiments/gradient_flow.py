@@ -32,6 +32,7 @@ from tqdm import tqdm
 import neuralode
 from experiments.common import main, save_figure
 from neuralode import analysis
+from neuralode.train_step import make_train_state, make_train_step
 
 F64 = jnp.float64
 
@@ -158,6 +159,11 @@ def update_sizes(cfg: Config) -> dict:
     x = jax.random.normal(key, (256, cfg.width), F64)
     teacher = jax.random.normal(jax.random.fold_in(key, 1), (cfg.width,), F64)
     y = (x @ teacher > 0).astype(F64)
+
+    def loss_fn(model, x, y):
+        loss = optax.sigmoid_binary_cross_entropy(model(x)[:, 0], y).mean()
+        return loss, {"loss": loss}
+
     results = {}
     for name, tx in [("sgd", optax.sgd(0.1)), ("adam", optax.adam(1e-3)),
                      ("adam_eps0", optax.adam(1e-3, eps=0.0, eps_root=1e-300))]:
@@ -166,20 +172,18 @@ def update_sizes(cfg: Config) -> dict:
         for _ in range(cfg.adam_depth):
             layers += [nnx.Linear(cfg.width, cfg.width, rngs=rngs, param_dtype=F64), jax.nn.sigmoid]
         model = nnx.Sequential(*layers, nnx.Linear(cfg.width, 1, rngs=rngs, param_dtype=F64))
-        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-        @nnx.jit
-        def step(model, optimizer):
-            loss = lambda m: optax.sigmoid_binary_cross_entropy(m(x)[:, 0], y).mean()
-            grads = nnx.grad(loss)(model)
-            optimizer.update(model, grads)
-            return grads
+        graphdef, state = make_train_state(model, tx)
+        step = make_train_step(graphdef, loss_fn)
+        gradient = jax.jit(lambda model_state, graphdef=nnx.graphdef(model): nnx.grad(
+            lambda m: loss_fn(m, x, y)[0])(nnx.merge(graphdef, model_state)))
 
         kernels = lambda: [np.asarray(l.kernel[...]) for l in analysis.linear_layers(model)]
         relative, grad_norms = [], []
         for _ in range(cfg.adam_steps):
             before = kernels()
-            grads = step(model, optimizer)
+            grads = gradient(state["model"])  # the gradient the step applies
+            state, _ = step(state, x, y)
+            nnx.update(model, state["model"])
             relative.append([np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(kernels(), before)])
             grad_norms.append([float(jnp.linalg.norm(grads["layers"][i]["kernel"][...]))
                                for i in range(0, 2 * cfg.adam_depth + 1, 2)])

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from experiments.common import main, save_figure
 from neuralode import multigrid as mg
 from neuralode.models import MultigridUNet
+from neuralode.train_step import make_train_state, make_train_step
 
 
 @dataclasses.dataclass
@@ -64,27 +65,25 @@ def train(cfg: Config):
     """Minimise the mean log relative residual after `loss_cycles` cycles from u = 0, random f."""
     n = cfg.n_train
     model = MultigridUNet(n, nu1=cfg.nu1, nu2=cfg.nu2, omega=0.8)
-    optimizer = nnx.Optimizer(model, optax.adam(cfg.lr), wrt=nnx.Param)
 
-    def loss(model, ops, fs):
-        residual = lambda f, op: jnp.linalg.norm(f - op(model(f, op, cycles=cfg.loss_cycles)))
-        return jnp.mean(jnp.log(jax.vmap(residual)(fs, ops) / jnp.linalg.norm(fs, axis=(1, 2))))
-
-    @nnx.jit
-    def step(model, optimizer, key):
+    def loss_fn(model, key):  # the batch is a key: problems and right-hand sides are drawn from it
         k_ops, k_f = jax.random.split(key)
         ops = problems(k_ops, cfg.batch, n, cfg)
         fs = jax.random.normal(k_f, (cfg.batch, n - 1, n - 1))
-        value, grads = nnx.value_and_grad(loss)(model, ops, fs)
-        optimizer.update(model, grads)
-        return value
+        residual = lambda f, op: jnp.linalg.norm(f - op(model(f, op, cycles=cfg.loss_cycles)))
+        loss = jnp.mean(jnp.log(jax.vmap(residual)(fs, ops) / jnp.linalg.norm(fs, axis=(1, 2))))
+        return loss, {"loss": loss}
 
+    graphdef, state = make_train_state(model, optax.adam(cfg.lr))
+    step = make_train_step(graphdef, loss_fn)
     losses = []
     key = jax.random.key(cfg.seed)
     for _ in (bar := tqdm(range(cfg.train_steps), desc="training U-Net stencils")):
         key, sub = jax.random.split(key)
-        losses.append(float(step(model, optimizer, sub)))
+        state, metrics = step(state, sub)
+        losses.append(float(metrics["loss"]))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    nnx.update(model, state["model"])
     return model, np.array(losses)
 
 

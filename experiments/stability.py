@@ -29,6 +29,7 @@ from flax import nnx
 import neuralode
 from experiments.common import main, save_figure
 from neuralode import analysis
+from neuralode.train_step import make_train_state, make_train_step
 
 F64 = jnp.float64
 SOLVERS = {"Euler": neuralode.Euler(), "Midpoint": neuralode.Midpoint(), "Heun": neuralode.Heun(),
@@ -95,16 +96,18 @@ def train_field(a: np.ndarray, cfg: Config):
     y0 = jax.random.normal(jax.random.key(cfg.seed), (128, 2), F64)
     target = y0 @ jnp.asarray(scipy.linalg.expm(a)).T
     ts = jnp.linspace(0.0, 1.0, cfg.field_steps + 1, dtype=F64)
-    optimizer = nnx.Optimizer(field, optax.adam(1e-2), wrt=nnx.Param)
 
-    @nnx.jit
-    def step(field, optimizer):
-        loss_fn = lambda f: jnp.mean((neuralode.odeint(f, y0, ts, solver=neuralode.RK4())[-1] - target) ** 2)
-        loss, grads = nnx.value_and_grad(loss_fn)(field)
-        optimizer.update(field, grads)
-        return loss
+    def loss_fn(field, y0, target):
+        loss = jnp.mean((neuralode.odeint(field, y0, ts, solver=neuralode.RK4())[-1] - target) ** 2)
+        return loss, {"loss": loss}
 
-    losses = [float(step(field, optimizer)) for _ in range(cfg.train_steps)]
+    graphdef, state = make_train_state(field, optax.adam(1e-2))
+    step = make_train_step(graphdef, loss_fn)
+    losses = []
+    for _ in range(cfg.train_steps):
+        state, metrics = step(state, y0, target)
+        losses.append(float(metrics["loss"]))
+    nnx.update(field, state["model"])
     eigs = np.concatenate([analysis.jacobian_spectrum(lambda y: field(0.0, y), y)[0] for y in y0[:32]])
     return eigs, losses
 
