@@ -5,7 +5,7 @@ and a JSON-able `record` (progress, settings) per step, through an orbax `Checkp
 save adds to the record, under `"arrays"`, the path, shape, dtype and SHA-256 of the bytes of every
 leaf of `state`. A restore compares the restored arrays with those checksums, so a flipped bit on
 disk is caught rather than trained on; a checkpoint that cannot be read, or does not verify, is
-reported with a warning, set aside in `<directory>/../unusable_checkpoints/` (never deleted), and the
+reported with a warning, set aside in `UNUSABLE_DIR` beside `directory` (never deleted), and the
 previous one is tried.
 
 Two refusals protect what is written: `save` never stores a state with a non-finite floating-point
@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 ARRAYS_KEY = "arrays"  # where the record holds the per-array shapes, dtypes and checksums
+UNUSABLE_DIR = "unusable_checkpoints"  # beside the store's directory: checkpoints that failed to restore
 _HEADROOM_BYTES = 1 << 20  # orbax metadata and the JSON record, beyond the arrays themselves
 
 
@@ -197,7 +198,7 @@ class CheckpointStore:
     def _set_aside(self, steps: list[int]) -> None:
         if not steps:
             return
-        aside = os.path.join(os.path.dirname(self.directory), "unusable_checkpoints")
+        aside = os.path.join(os.path.dirname(self.directory), UNUSABLE_DIR)
         os.makedirs(aside, exist_ok=True)
         for step in steps:
             target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")

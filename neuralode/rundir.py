@@ -5,7 +5,9 @@ A run directory `workdir` holds
 - `METRICS_FILE` (metrics.jsonl): one JSON record per finished epoch, appended as training goes;
 - `CHECKPOINTS_DIR` (checkpoints/): the orbax checkpoints of `neuralode.checkpoints`;
 - `LOCK_FILE` (run.lock): the exclusive lock of the process training in it, with that process's
-  pid and host written inside.
+  pid and host written inside;
+- `neuralode.checkpoints.UNUSABLE_DIR` (unusable_checkpoints/): checkpoints that failed to restore
+  or to verify, moved aside by a resumed run and kept for inspection.
 
 Only one process may train in a run directory at a time: two runs writing the same metrics file and
 checkpoints would interleave their records and mix their parameters. `lock` takes an exclusive

@@ -310,9 +310,10 @@ def _check_logits(model: nnx.Module, dataset: Dataset) -> None:
     if hasattr(model, "forward"):
         out = nnx.eval_shape(lambda m, x: m.forward(x), model, x)
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
+            found = f"an array of shape {out.shape}" if hasattr(out, "shape") else type(out).__name__
             raise ValueError(
                 f"model: the default loss calls `logits, stats = model.forward(x)` (the protocol of "
-                f"neuralode.models), but {type(model).__name__}.forward returns {type(out).__name__}; "
+                f"neuralode.models), but {type(model).__name__}.forward returns {found}; "
                 "pass a loss_fn that knows the model's outputs")
         out = out[0]
     else:

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -19,7 +20,7 @@ from flax import nnx
 
 from neuralode import data as datasets
 from neuralode import rundir
-from neuralode.checkpoints import host_arrays
+from neuralode.checkpoints import UNUSABLE_DIR, host_arrays
 from neuralode import train as training
 from neuralode.data import Dataset
 from neuralode.rundir import CHECKPOINTS_DIR, METRICS_FILE, read_metrics
@@ -186,7 +187,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path):
     assert_params_bitwise_equal(train_script.flat_params(model), ref_params)
     assert without_timings(read_metrics(workdir)) == without_timings(read_metrics(ref_workdir))
     assert checkpoint_steps(workdir) == [35, 40]
-    (aside,) = os.listdir(workdir / "unusable_checkpoints")  # kept for inspection, not deleted
+    (aside,) = os.listdir(workdir / UNUSABLE_DIR)  # kept for inspection, not deleted
     assert aside.startswith("40-")
 
 
@@ -322,6 +323,8 @@ def test_sigterm_saves_the_current_step_and_a_second_run_meanwhile_is_refused(re
 def test_sigint_saves_the_current_step_then_raises_keyboard_interrupt(reference, tmp_path, monkeypatch, capsys):
     """Ctrl-C while step 13 runs (mid-epoch 2, between the scheduled checkpoints 7 and 14): the
     step finishes, is saved, and KeyboardInterrupt follows; the resumed run is bitwise the reference."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach Python handlers only in the main thread")
     ref_workdir, ref_params, _, _ = reference
     yielded = []
 
@@ -378,7 +381,7 @@ def test_resume_with_another_architecture_names_the_arrays_and_nothing_else_is_p
                           text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert done.returncode == 1
     assert done.stderr.count("Traceback") == 1 and "Event loop is closed" not in done.stderr, done.stderr
-    assert "unusable" not in done.stderr and not (tmp_path / "run" / "unusable_checkpoints").exists()
+    assert "unusable" not in done.stderr and not (tmp_path / "run" / UNUSABLE_DIR).exists()
     assert ("ValueError: model: its arrays differ from the checkpointed run's (built with other settings?):\n"
             "  ['model']['hidden']['bias'].value: checkpoint (32,) float64, now (64,) float64\n"
             "  ['model']['hidden']['kernel'].value: checkpoint (8, 32) float64, now (8, 64) float64\n"
@@ -405,25 +408,22 @@ class RegularisedMLP(train_script.MLP):
 def test_default_loss_trains_the_regulariser_of_models_with_forward(tmp_path):
     data = train_script.tiny_dataset()
     config = dataclasses.replace(train_script.CONFIG, epochs=2, weight_decay=0.0)
-    results, norms = {}, {}
-    for weight in (0.0, 0.05):
-        model = RegularisedMLP(weight, rngs=nnx.Rngs(0))
-        results[weight] = train(model, data, config, tmp_path / str(weight))
-        norms[weight] = float(model.forward(jnp.asarray(data.x_test[:1], jnp.float64))[1]["squares"])
-    regularised = results[0.05]
+    model = RegularisedMLP(0.05, rngs=nnx.Rngs(0))
+    squares = lambda: float(model.forward(jnp.asarray(data.x_test[:1], jnp.float64))[1]["squares"])
+    initial = squares()  # 36.5; 2 epochs without the penalty end at 38.2
+    result = train(model, data, config, tmp_path)
     # The loss minimised per batch is cross-entropy + regularisation, so are their epoch means.
-    assert regularised["train_loss"] == pytest.approx(
-        regularised["train_cross_entropy"] + regularised["train_regularisation"], rel=1e-12)
-    assert regularised["train_regularisation"] > 0.01 * regularised["train_cross_entropy"]
-    assert results[0.0]["train_loss"] == results[0.0]["train_cross_entropy"]
-    assert norms[0.05] < 0.8 * norms[0.0]  # the gradient saw the penalty
+    assert result["train_loss"] == pytest.approx(result["train_cross_entropy"] + result["train_regularisation"],
+                                                 rel=1e-12)
+    assert result["train_regularisation"] > 0.01 * result["train_cross_entropy"]
+    assert squares() < 0.8 * initial  # the gradient saw the penalty
 
     class TupleForward(train_script.MLP):
         def forward(self, x):
             return self(x)
 
     with pytest.raises(ValueError, match=r"model: the default loss calls `logits, stats = model.forward\(x\)` .* "
-                                         r"but TupleForward.forward returns ArrayImpl|ShapeDtypeStruct"):
+                                         r"but TupleForward.forward returns an array of shape \(2, 4\); pass a loss_fn"):
         train(TupleForward(8, 16, 4, rngs=nnx.Rngs(0)), data, config, tmp_path / "forward")
 
 
