@@ -94,16 +94,13 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"TrainConfig.{name}: expected an integer >= 0, found {value!r}")
-        for name, low, strict in (("learning_rate", 0, True), ("weight_decay", 0, False),
-                                  ("grad_clip_norm", 0, True)):
-            value = getattr(self, name)
-            if value is None and name == "grad_clip_norm":
+        for name, bound in (("learning_rate", "> 0"), ("weight_decay", ">= 0"), ("grad_clip_norm", "> 0")):
+            value, optional = getattr(self, name), "None or " if name == "grad_clip_norm" else ""
+            if optional and value is None:
                 continue
-            finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not finite or value < low or (strict and value == low):
-                expected = f"a finite number {'>' if strict else '>='} {low}"
-                expected = "None or " + expected if name == "grad_clip_norm" else expected
-                raise ValueError(f"TrainConfig.{name}: expected {expected}, found {value!r}")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not (number and (value > 0 if bound == "> 0" else value >= 0)):
+                raise ValueError(f"TrainConfig.{name}: expected {optional}a finite number {bound}, found {value!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"TrainConfig.schedule: unknown {self.schedule!r}, expected one of {SCHEDULES}")
         if self.optimizer not in OPTIMIZERS:
