@@ -17,7 +17,8 @@ import pytest
 from flax import nnx
 
 import neuralode
-from neuralode.parallel import MGRIT, depth_mesh, layer_parallel_solve, layer_parallel_vjp
+from neuralode.parallel import (MGRIT, depth_mesh, layer_parallel_solve, layer_parallel_vjp,
+                                shard_layers)
 
 DEPTH, COARSENING, WIDTH, HORIZON = 32, 4, 8, 4.0
 
@@ -84,7 +85,8 @@ def child_checks() -> dict:
                            "iterations": int(sol.stats["iterations"]),
                            "to_1e-10": _iterations_to(sol.stats["residuals"], 1e-10)}
 
-    # A coarse step m h = 5 is unstable (|1 - 5| > 1): the residual grows, the serial solve takes over.
+    # A coarse step m h = 5 is unstable (|1 - 5| > 1): the residual grows, the serial solve
+    # takes over.
     unstable = 10 * HORIZON
     sol = solve_f(field, y0, unstable)
     out["fallback"] = {"error": _error(sol.ys, serial(field, y0, unstable)),
@@ -94,22 +96,27 @@ def child_checks() -> dict:
     converged = MGRIT(coarsening=COARSENING, iterations=exact, backward_iterations=exact,
                       fallback=False)
 
+    def trajectory_loss(ys, inside):  # `inside` weighs C- and F-points before the last
+        return _loss(ys[-1]) + inside * jnp.sum(ys[::3] ** 2) / 10
+
     def parallel_loss(field, y0):
-        return _loss(layer_parallel_solve(field, y0, 0.0, HORIZON, solver=neuralode.Euler(),
-                                          mgrit=converged, mesh=mesh).ys[-1])
+        return trajectory_loss(layer_parallel_solve(
+            field, y0, 0.0, HORIZON, solver=neuralode.Euler(), mgrit=converged, mesh=mesh).ys, 1.0)
 
-    def serial_loss(field, y0):
-        return _loss(_serial(field, y0, HORIZON)[-1])
+    def serial_loss(field, y0, inside):
+        return trajectory_loss(_serial(field, y0, HORIZON), inside)
 
-    reference = nnx.jit(nnx.grad(serial_loss, argnums=(0, 1)))(field, y0)
+    serial_grad = nnx.jit(nnx.grad(serial_loss, argnums=(0, 1)))
     grads = nnx.jit(nnx.grad(parallel_loss, argnums=(0, 1)))(field, y0)
-    out["gradient_error"] = _relative_error(grads, reference)
+    out["gradient_error"] = _relative_error(grads, serial_grad(field, y0, 1.0))
 
     # layer_parallel_vjp on 2 devices, m = 2 (16 coarse intervals): the forward stops at its
     # tolerance; the adjoint, allowed 2 iterations, misses it and falls back to the serial sweep.
     tol = 1e-8
     mgrit = MGRIT(coarsening=2, iterations=DEPTH // 2, tol=tol, backward_iterations=2,
                   backward_tol=tol)
+
+    reference = serial_grad(field, y0, 0.0)  # the cotangent of y(t1) only
 
     @nnx.jit
     def vjp(field, y0):
@@ -122,6 +129,18 @@ def child_checks() -> dict:
                   "gradient_error": _relative_error(grads, reference),
                   "forward": {k: np.asarray(v).tolist() for k, v in sol.stats.items()},
                   "backward": {k: np.asarray(v).tolist() for k, v in backward.items()}}
+
+    # shard_layers: a DepthStack's arrays split by layer over `depth`, the rest replicated.
+    model = nnx.Dict(head=nnx.Linear(WIDTH, 2, rngs=nnx.Rngs(0)), stack=_field())
+    shard_layers(model, mesh)
+    spec = jax.sharding.PartitionSpec
+    out["shard_layers"] = {
+        "stack": model["stack"].layers.linear.kernel[...].sharding.spec == spec("depth"),
+        "head": model["head"].kernel[...].sharding.spec == spec()}
+    try:
+        shard_layers(_field(12), mesh)
+    except ValueError as error:
+        out["shard_layers"]["error"] = str(error)
     return out
 
 
@@ -186,6 +205,12 @@ def test_vjp_reports_both_solves_tolerance_and_fallback(results):
     assert backward["iterations"] == 2 and backward["residuals"][2] > tol
     assert backward["unconverged"] and backward["fallback"] and not backward["diverged"]
     assert vjp["gradient_error"] <= intervals * tol
+
+
+def test_shard_layers_splits_depth_stacks_and_replicates_the_rest(results):
+    placed = results["shard_layers"]
+    assert placed["stack"] and placed["head"]
+    assert "depth 12 cannot be split over the 8 devices" in placed["error"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ time (MGRIT; parareal with F-relaxation), forward and backward.
 """
 
 from neuralode.parallel.layer import (LayerParallelSolution, depth_mesh, layer_parallel_solve,
-                                      layer_parallel_vjp)
+                                      layer_parallel_vjp, shard_layers)
 from neuralode.parallel.mgrit import MGRIT
 
 __all__ = ["LayerParallelSolution", "MGRIT", "depth_mesh", "layer_parallel_solve",
-           "layer_parallel_vjp"]
+           "layer_parallel_vjp", "shard_layers"]

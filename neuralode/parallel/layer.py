@@ -2,11 +2,13 @@
 
 A ResNet of N blocks is N forward-Euler steps u_{n+1} = Phi_n(u_n) = u_n + h f_n(t_n, u_n) of a
 `DepthStack` field; every m-th state is a coarse point U_j = u_{jm}. `neuralode.parallel.mgrit`
-solves U_{j+1} = Phi_{jm+m-1} o ... o Phi_{jm}(U_j) (fine propagator: the network's own m steps) with
-the coarse propagator Psi_j(U) = U + m h f_{jm}(t_{jm}, U), one Euler step of size m h with the field
-of the coarse point's layer (Guenther, Ruthotto, Schroder, Cyr & Gauger 2020, "Layer-parallel
-training of deep residual neural networks", SIAM J. Math. Data Sci. 2(1); torchbraid's training
-defaults are 2 forward and 1 backward iteration, far from the N/m that make it exact).
+solves U_{j+1} = Phi_{jm+m-1} o ... o Phi_{jm}(U_j) (fine propagator: the network's own m steps)
+with the coarse propagator Psi_j(U) = U + m h f_{jm}(t_{jm}, U), one Euler step of size m h with
+the field of the coarse point's layer (Guenther, Ruthotto, Schroder, Cyr & Gauger 2020,
+"Layer-parallel training of deep residual neural networks", SIAM J. Math. Data Sci. 2(1);
+torchbraid's training defaults are 2 forward and 1 backward iteration, far from the N/m that make
+it exact). The coarse step must be stable: m h times the field's Lipschitz constant grows as a
+network trains, and with it the convergence factor (the statistics and the fallback watch it).
 
 The gradient: the discrete adjoint a_n = a_{n+1} dPhi_n/du_n + g_n, a_N = g_N (g_n the cotangent of
 u_n) runs backwards in depth and is again a sequence of steps, solved by the same MGRIT with the
@@ -28,7 +30,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 from jax.flatten_util import ravel_pytree
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as Spec
 
 from neuralode.fields import DepthStack
@@ -47,6 +49,25 @@ def depth_mesh(devices: int | None = None) -> Mesh:
         raise ValueError(f"devices must be an int in [1, {len(available)}] (the devices JAX sees) "
                          f"or None, got {devices!r}")
     return Mesh(np.array(available[:count]), (DEPTH,))
+
+
+def shard_layers(module: nnx.Module, mesh: Mesh) -> None:
+    """Place the arrays of `module` on `mesh`, in place: those of every `DepthStack` in it split by
+    layer over the axis `depth` (each device keeps the layers it steps), all others replicated.
+
+    For training, call it on the model and build the optimiser inside `jax.set_mesh(mesh)`, so that
+    its state is created on the mesh as well: the train step then compiles once, with the
+    parameters where `layer_parallel_solve` uses them."""
+    _check_mesh(mesh)
+    devices = mesh.shape[DEPTH]
+    stacks = [sub for _, sub in nnx.iter_modules(module) if isinstance(sub, DepthStack)]
+    for stack in stacks:
+        if stack.depth % devices:
+            raise ValueError(f"a DepthStack of depth {stack.depth} cannot be split over the "
+                             f"{devices} devices of the mesh axis {DEPTH!r}")
+    nnx.update(module, jax.device_put(nnx.state(module), NamedSharding(mesh, Spec())))
+    for stack in stacks:
+        nnx.update(stack, jax.device_put(nnx.state(stack), NamedSharding(mesh, Spec(DEPTH))))
 
 
 class LayerParallelSolution(NamedTuple):
@@ -162,7 +183,7 @@ def _backward(problem: _Problem, layers, states, t0, t1, cotangents, last_cotang
 
         ring = Ring(DEPTH, problem.devices, reverse=True)
         ends, grads, stats = solve_mgrit(ring, fine, coarse, last_cotangent, n,
-                                    problem.settings.backward())
+                                         problem.settings.backward())
         grads = jax.tree.map(lambda g: g[::-1].reshape((n * m,) + g.shape[2:]), grads)
         return grads, _from_device(0, ends[-1]), stats
 
@@ -204,6 +225,12 @@ _solve.defvjp(_solve_fwd, _solve_bwd)
 # ---------------------------------------------------------------------------------------------
 # The public functions.
 
+def _check_mesh(mesh):
+    if not isinstance(mesh, Mesh) or DEPTH not in mesh.axis_names:
+        raise ValueError(f"mesh must be a jax.sharding.Mesh with an axis named {DEPTH!r} "
+                         f"(neuralode.parallel.depth_mesh()), got {mesh!r}")
+
+
 def _setup(field, y0, t0, t1, solver, mgrit, mesh):
     if not isinstance(field, DepthStack):
         raise TypeError(f"field must be a DepthStack (one field per layer: a ResNet), got "
@@ -213,9 +240,7 @@ def _setup(field, y0, t0, t1, solver, mgrit, mesh):
                          f"m h, which is defined for a ResNet's Euler steps only; got {solver!r}")
     if not isinstance(mgrit, MGRIT):
         raise TypeError(f"mgrit must be an MGRIT(...) settings object, got {mgrit!r}")
-    if not isinstance(mesh, Mesh) or DEPTH not in mesh.axis_names:
-        raise ValueError(f"mesh must be a jax.sharding.Mesh with an axis named {DEPTH!r} "
-                         f"(neuralode.parallel.depth_mesh()), got {mesh!r}")
+    _check_mesh(mesh)
     leaves = jax.tree.leaves(y0)
     if not leaves or not all(jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in leaves):
         raise TypeError(f"y0 must be a pytree of floating-point arrays, got {y0!r}")

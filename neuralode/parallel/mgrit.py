@@ -21,7 +21,8 @@ are exact (U_0 .. U_2k with FCF), so J iterations reproduce the serial solve to 
 
 Convergence monitor: if the residual grows (rho > 1 above rounding) or `tol` is missed within the
 iterations, the result is replaced by the serial solve (the same pipeline with Phi_j, the serial
-wall time) and reported. Iterating stops early once the residual is down to `tol` or to rounding.
+wall time) and reported; without the fallback the iterations go on and `diverged` reports it.
+Iterating stops early once the residual is down to `tol` or to rounding.
 """
 from __future__ import annotations
 
@@ -37,14 +38,15 @@ RELAXATIONS = ("F", "FCF")
 
 @dataclasses.dataclass(frozen=True)
 class MGRIT:
-    """Two-level MGRIT over depth, forward and backward (adjoint).
+    """Settings of two-level MGRIT, for a solve and for its adjoint.
 
     coarsening: m >= 2, fine steps (layers) per coarse interval.
     iterations: the most coarse-grid corrections of the forward solve, K.
     tol: stop once the residual 2-norm (over all C-points) is <= tol; None runs all K iterations.
     relaxation: "F" (parareal) or "FCF" (twice the fine work per iteration, exact in half as many).
     backward_iterations, backward_tol: the same for the adjoint solve.
-    fallback: replace the result by the serial solve when the residual grows or `tol` is missed.
+    fallback: replace the result by the serial solve when the residual grows (stopping there) or
+        `tol` is missed; False keeps the MGRIT iterate and only reports it.
     """
 
     coarsening: int = 4
@@ -74,7 +76,6 @@ class MGRIT:
     def backward(self) -> MGRIT:
         """The settings of the adjoint solve."""
         return dataclasses.replace(self, iterations=self.backward_iterations, tol=self.backward_tol)
-
 
 
 class Ring(NamedTuple):
@@ -147,7 +148,7 @@ def solve(ring: Ring, fine: Callable, coarse: Callable, u0, intervals: int, sett
     keeps from the last F-relaxation (states, gradients); coarse(i, v) -> end: its coarse step.
     Returns the interval ends (C-points), the extras and the statistics."""
     indices = jnp.arange(intervals)
-    u0 = lax.pcast(u0, ring.axis, to="varying")  # the same on every device, but mixed with what is not
+    u0 = lax.pcast(u0, ring.axis, to="varying")  # equal everywhere, but mixed with what is not
     iterations, eps = settings.iterations, jnp.finfo(u0.dtype).eps
 
     def relax(ends):
@@ -157,18 +158,21 @@ def solve(ring: Ring, fine: Callable, coarse: Callable, u0, intervals: int, sett
     def iterate(carry):
         # Coarse solve with the FAS correction tau (zero at first: the initial guess), then
         # F-relaxation; its residual decides whether to go on; then the next correction.
-        tau, _, _, k, residuals, _, _ = carry
+        tau, _, _, k, residuals, _, diverged = carry
         ends = _sweep(ring, lambda i, v: (coarse(i, v), ()), tau, u0)[0]
         starts, relaxed, extras = relax(ends)
         residuals = residuals.at[k].set(_norm(ring, relaxed - ends))
         noise = 64 * eps * _norm(ring, ends)  # rounding, relative to the size of the solution
         grew = (k > 0) & (residuals[k] > residuals[k - 1]) & (residuals[k] > noise)
-        done = (k >= iterations) | (residuals[k] <= jnp.maximum(noise, settings.tol or 0.0)) | grew
+        diverged = diverged | grew
+        done = (k >= iterations) | (residuals[k] <= jnp.maximum(noise, settings.tol or 0.0))
+        if settings.fallback:  # the serial solve will replace the iterate: stop here
+            done = done | diverged
         if settings.relaxation == "FCF":  # C-relaxation (U_{j+1} <- E_j), F-relaxation again
             starts, relaxed = lax.cond(done, lambda: (starts, relaxed),
                                        lambda: relax(relaxed)[:2])
         tau = relaxed - jax.vmap(coarse)(indices, starts)
-        return tau, ends, extras, k + 1, residuals, done, grew
+        return tau, ends, extras, k + 1, residuals, done, diverged
 
     zeros = _varying_zeros(ring, jax.ShapeDtypeStruct((intervals,) + u0.shape, u0.dtype))
     extras = _varying_zeros(ring, jax.eval_shape(lambda: relax(zeros)[2]))
