@@ -286,3 +286,101 @@ def test_bad_input_is_named():
         jax.jit(lambda f: mg.fmg(mg.hierarchy(op), f))(bad)
     with pytest.raises(Exception, match="a must be positive"):
         jax.jit(lambda a: mg.diffusion(a).weights)(-jnp.ones((16, 16)))
+
+
+def test_unknown_options_are_named_and_each_option_does_what_it_says():
+    op = mg.Poisson(16)
+    levels, u, f = mg.hierarchy(op), _random(op.shape, 0), _random(op.shape, 1)
+    with pytest.raises(ValueError, match=r"kind must be one of \('V', 'W', 'F'\), got 'X'"):
+        mg.cycle(levels, u, f, kind="X")
+    with pytest.raises(ValueError, match=r"smoother must be one of \('jacobi', 'gauss_seidel'\), got 'sor'"):
+        mg.cycle(levels, u, f, smoother="sor")
+    with pytest.raises(ValueError, match="smoother must be one of"):
+        mg.smooth(op, u, f, 1, "sor", 0.8)
+    with pytest.raises(ValueError, match="nu1 must be an int >= 0"):
+        mg.cycle(levels, u, f, nu1=-1)
+    with pytest.raises(TypeError, match="galerkin must be True, False or None"):
+        mg.hierarchy(op, galerkin="yes")
+    with pytest.raises(ValueError, match="cycles must be an int >= 1"):
+        mg.fmg(levels, f, cycles=0)
+    out = jax.jit(lambda u, f: {
+        "smooth jacobi": mg.smooth(op, u, f, 2, "jacobi", 0.8), "jacobi": mg.jacobi(op, u, f, 0.8, 2),
+        "smooth gauss_seidel": mg.smooth(op, u, f, 2, "gauss_seidel", 0.8),
+        "gauss_seidel": mg.gauss_seidel(op, u, f, 2), **{k: mg.cycle(levels, u, f, k) for k in mg.CYCLES}})(u, f)
+    for name in ("jacobi", "gauss_seidel"):
+        np.testing.assert_array_equal(out[f"smooth {name}"], out[name])
+    # three different cycles (with four levels or more: on three, W = F = V as the coarsest solve is exact)
+    for a, b in (("V", "W"), ("W", "F"), ("F", "V")):
+        assert not np.allclose(out[a], out[b], rtol=1e-6), (a, b)
+
+
+def test_rediscretised_hierarchy_of_a_diffusion_stencil():
+    # a = 1: rediscretising gives the 5-point Laplacian on every coarse grid, Galerkin the 9-point
+    # [-1 -2 -1; -2 12 -2; -1 -2 -1] / (4 H^2) (test_stencils_and_galerkin_product)
+    both = jax.jit(lambda op: (mg.hierarchy(op, galerkin=False), mg.hierarchy(op)))
+    rediscretised, galerkin = both(jax.jit(mg.diffusion)(jnp.ones((16, 16))))
+    assert [op.n for op in rediscretised] == [16, 8, 4, 2]
+    for coarse in rediscretised[1:]:
+        v = _random(coarse.shape, coarse.n)
+        np.testing.assert_allclose(coarse(v), mg.Poisson(coarse.n)(v), rtol=1e-13, atol=1e-10)
+    assert float(jnp.max(jnp.abs(galerkin[1].weights[..., 0, 0]))) == pytest.approx(1 / (4 * (1 / 8) ** 2))
+    assert float(jnp.max(jnp.abs(rediscretised[1].weights[..., 0, 0]))) == 0
+    # variable a: coarse cells average the four fine cells; V-cycles still converge, more slowly than
+    # with Galerkin operators for this contrast (max/min a ~ 300; measured factors 0.39 vs 0.29)
+    op = jax.jit(mg.diffusion)(_lognormal(16, seed=3))
+    f = _random(op.shape, 2)
+    solve = jax.jit(lambda f, galerkin: mg.solve(op, f, galerkin=galerkin, rtol=1e-10, max_cycles=30),
+                    static_argnums=1)
+    redisc, rap = solve(f, False), solve(f, True)
+    assert bool(redisc.converged) and bool(rap.converged)
+    assert _asymptotic_ratio(rap.residuals) < _asymptotic_ratio(redisc.residuals) <= 0.45
+    with pytest.raises(ValueError, match="galerkin=False rediscretises the coefficient field"):
+        galerkin[1].coarsen(galerkin=False)  # a Galerkin product has no coefficient field
+
+
+def test_cycle_checks_its_levels_against_u_and_f():
+    op = mg.Poisson(32)
+    levels, f = mg.hierarchy(op), _random(op.shape, 1)
+    with pytest.raises(ValueError, match=r"levels must halve n .* got n = \[2, 4, 8, 16, 32\]"):
+        mg.cycle(levels[::-1], jnp.zeros_like(f), f)
+    with pytest.raises(ValueError, match=r"u has shape \(31, 31\), but levels\[0\] acts on \(63, 63\)"):
+        mg.cycle(mg.hierarchy(mg.Poisson(64)), jnp.zeros_like(f), f)
+    with pytest.raises(ValueError, match="levels must be a non-empty sequence"):
+        mg.cycle((), jnp.zeros_like(f), f)
+    with pytest.raises(ValueError, match=r"f has shape \(31, 31\), but levels\[1\] acts on \(15, 15\)"):
+        mg.cycle(levels, jnp.zeros((15, 15)), f, level=1)
+    with pytest.raises(ValueError, match="level must be an int in"):
+        mg.cycle(levels, jnp.zeros_like(f), f, level=5)
+    with pytest.raises(ValueError, match="levels must halve n"):
+        mg.fmg(levels[:-1], f)  # stops above one unknown
+
+
+def test_transfer_and_stencil_shapes_are_checked():
+    with pytest.raises(ValueError, match=r"r must have an odd number 2m \+ 1 >= 3 of points per side"):
+        mg.restrict(jnp.ones((8, 8)))
+    for shape in ((15, 15, 9), (15, 15, 3, 4), (14, 14, 3, 3), (3, 3, 15, 15)):
+        bad = jnp.ones(shape)
+        with pytest.raises(ValueError, match=r"weights must have shape \(n - 1, n - 1, 3, 3\)"):
+            mg.Stencil(bad)
+    with pytest.raises(ValueError, match="a batch of stencils: map over it with jax.vmap"):
+        mg.Stencil(jnp.ones((2, 15, 15, 3, 3)))
+    with pytest.raises(TypeError, match="weights must be a floating-point array"):
+        mg.Stencil(jnp.ones((15, 15, 3, 3), jnp.int32))
+    # weights reshaped after construction are caught where the operator enters
+    op = mg.diffusion(jnp.ones((16, 16)))
+    bad = jax.tree.map(lambda x: x[..., :2, :] if x.ndim == 4 else x, op)
+    with pytest.raises(ValueError, match=r"op.weights must have shape"):
+        mg.solve(bad, jnp.ones(op.shape))
+    with pytest.raises(ValueError, match=r"levels\[0\].weights must have shape"):
+        mg.cycle((bad, *mg.hierarchy(op)[1:]), jnp.ones(op.shape), jnp.ones(op.shape))
+    with pytest.raises(ValueError, match="coefficients must be the"):
+        mg.Stencil(op.weights, jnp.ones((8, 8)))
+
+
+def test_zero_right_hand_side_is_solved_by_zero_in_zero_cycles():
+    op = mg.diffusion(_lognormal(8))
+    zero = jnp.zeros(op.shape)
+    for u0 in (None, _random(op.shape, 0)):  # from any u0: the solution of A u = 0 is u = 0
+        sol = jax.jit(lambda f: mg.solve(op, f, u0))(zero)
+        assert int(sol.cycles) == 0 and bool(sol.converged)
+        assert float(sol.residuals[0]) == 0 and float(jnp.max(jnp.abs(sol.u))) == 0

@@ -65,10 +65,49 @@ def test_bad_input_is_named():
         MultigridUNet(24)
     with pytest.raises(ValueError, match="cycles must be"):
         MultigridUNet(16, cycles=0)
+    with pytest.raises(TypeError, match="galerkin must be True or False"):
+        MultigridUNet(16, galerkin="no")
     model = MultigridUNet(16)
+    with pytest.raises(ValueError, match="cycles must be an int >= 1"):
+        model(jnp.zeros((15, 15)), mg.Poisson(16), cycles=0)
+    with pytest.raises(ValueError, match="galerkin=False rediscretises the coefficient field"):
+        MultigridUNet(16, galerkin=False)(jnp.zeros((15, 15)), mg.Stencil(jnp.ones((15, 15, 3, 3))))
     with pytest.raises(ValueError, match="operator must be a 2-D operator on the grid with n = 16"):
         model(jnp.zeros((31, 31)), mg.Poisson(32))
     with pytest.raises(ValueError, match="f must have shape"):
         model(jnp.zeros((14, 14)), mg.Poisson(16))
     with pytest.raises(Exception, match="f must be finite"):
         jax.jit(lambda f: model(f, mg.Poisson(16)))(jnp.full((15, 15), jnp.inf))
+
+
+def test_from_stencils_sets_the_transfer_stencils_of_every_level():
+    n = 16
+    op = jax.jit(lambda key: mg.diffusion(mg.lognormal_coefficients(key, n)))(jax.random.key(2))
+    f = jnp.asarray(np.random.default_rng(0).standard_normal(op.shape))
+    trained = MultigridUNet(n, omega=0.7)  # stands for a trained network: other stencils on every level
+    rng = np.random.default_rng(1)
+    for param in (trained.restriction, trained.prolongation):
+        param[...] = param[...] * (1 + 0.1 * rng.standard_normal(param.shape))
+    copy = MultigridUNet.from_stencils(n, omega=0.7, restriction=trained.restriction[...],
+                                       prolongation=trained.prolongation[...])
+    forward = nnx.jit(lambda model, f: model(f, op))  # one compilation for both models
+    np.testing.assert_array_equal(forward(copy, f), forward(trained, f))
+    shared = MultigridUNet.from_stencils(n, restriction=mg.full_weighting(2) / 2)
+    np.testing.assert_array_equal(shared.restriction[...], np.broadcast_to(mg.full_weighting(2) / 2, (3, 3, 3)))
+    with pytest.raises(ValueError, match=r"restriction must be a 3x3 stencil or one per level, shape \(3, 3"):
+        MultigridUNet.from_stencils(n, restriction=np.ones((2, 3, 3)))
+
+
+def test_rediscretised_coarse_operators_for_a_diffusion_stencil():
+    # galerkin=False: the network coarsens the coefficient field like multigrid.hierarchy does, to
+    # 5-point stencils (Galerkin products have 9 points); with the same operators its cycle is the
+    # classical one (test_from_stencils_reproduces_classical_vcycles)
+    n = 16
+    op = jax.jit(lambda key: mg.diffusion(mg.lognormal_coefficients(key, n)))(jax.random.key(3))
+    model = MultigridUNet(n, galerkin=False)
+    mine, classical = jax.jit(lambda op: (model.operators(op), mg.hierarchy(op, galerkin=False)))(op)
+    assert len(mine) == len(classical) == 4
+    for ours, theirs in zip(mine[1:], classical[1:]):
+        np.testing.assert_array_equal(ours.weights, theirs.weights)
+        assert float(jnp.max(jnp.abs(ours.weights[..., ::2, ::2]))) == 0  # no corner couplings
+        assert float(jnp.min(ours.weights[..., 1, 1])) > 0

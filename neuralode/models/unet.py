@@ -2,7 +2,7 @@
 
 One forward pass runs `cycles` V(nu1, nu2)-cycles for A u = f on a hierarchy of grids n, n/2, ..., 2:
 
-  encoder, level l   nu1 smoothing blocks   u <- u + omega_{l,s} D_l^{-1} (f_l - A_l u)
+  encoder, level l   nu1 smoothing blocks   one `multigrid.jacobi` sweep each, weight omega_{l,s}
                      restriction conv       f_{l+1} = R_l * (f_l - A_l u)   (3x3, stride 2)
   bottleneck         one unknown            e = f_L / A_L                   (exact coarse solve)
   decoder, level l   long skip + prolong    u <- u + P_l *^T e_{l+1}        (3x3 transposed conv)
@@ -16,8 +16,9 @@ convolution, whereas red-black Gauss-Seidel is two masked half-sweeps and not a 
 
 Parameters (per level, all of them stencils of the classical method): relaxation weights
 omega_{l,s} for every pre- and post-smoothing sweep, restriction stencils R_l and prolongation
-stencils P_l. `MultigridUNet.from_stencils` sets omega, full weighting and bilinear interpolation,
-so the forward pass equals the classical V-cycle to rounding (tests: 1e-12).
+stencils P_l. They start at the classical cycle's (omega, full weighting, bilinear interpolation),
+where the forward pass equals the classical V-cycle to rounding (tests: 1e-12);
+`MultigridUNet.from_stencils` sets other transfer stencils.
 
 Variable coefficients: the network takes the fine operator as an input (the physics, not learned)
 and builds its coarse operators as Galerkin products A_{l+1} = R_l A_l P_l from its own current
@@ -49,10 +50,15 @@ class MultigridUNet(nnx.Module):
 
     def __init__(self, n: int, *, nu1: int = 2, nu2: int = 1, cycles: int = 1, omega: float = 0.8,
                  galerkin: bool = True):
-        mg._check_size("n", n)
-        for name, v in (("nu1", nu1), ("nu2", nu2), ("cycles", cycles)):
-            if not isinstance(v, int) or v < (1 if name == "cycles" else 0):
-                raise ValueError(f"{name} must be an int >= {1 if name == 'cycles' else 0}, got {v!r}")
+        """The classical V(nu1, nu2)-cycle, where learning starts: relaxation weight omega for every
+        sweep, full weighting and bilinear interpolation on every level. With galerkin=True the coarse
+        operators are the Galerkin products of the network's own transfer stencils; with False they
+        are rediscretised, as in `multigrid.hierarchy(op, galerkin=False)`."""
+        mg.check_grid_size("n", n)
+        for name, v, minimum in (("nu1", nu1, 0), ("nu2", nu2, 0), ("cycles", cycles, 1)):
+            mg.check_count(name, v, minimum)
+        if not isinstance(galerkin, bool):
+            raise TypeError(f"galerkin must be True or False, got {galerkin!r}")
         self.n, self.nu1, self.nu2, self.cycles, self.galerkin = n, nu1, nu2, cycles, galerkin
         depth = int(math.log2(n)) - 1  # levels with a coarser level below them
         self.pre_omega = nnx.Param(jnp.asarray(np.full((depth, nu1), omega)))  # not weak-typed
@@ -61,14 +67,20 @@ class MultigridUNet(nnx.Module):
         self.prolongation = nnx.Param(jnp.broadcast_to(jnp.asarray(mg.bilinear(2)), (depth, 3, 3)))
 
     @classmethod
-    def from_stencils(cls, n: int, *, nu1: int = 2, nu2: int = 1, cycles: int = 1, omega: float = 0.8,
-                      galerkin: bool = True) -> "MultigridUNet":
-        """Weights of the classical cycle: Jacobi weight omega, full weighting, bilinear interpolation.
-
-        With galerkin=False the coarse operators are rediscretised (only for `Poisson`), as in
-        `multigrid.hierarchy(op, galerkin=False)`; with galerkin=True they are R A P.
-        """
-        return cls(n, nu1=nu1, nu2=nu2, cycles=cycles, omega=omega, galerkin=galerkin)
+    def from_stencils(cls, n: int, *, restriction=None, prolongation=None, **options) -> "MultigridUNet":
+        """`cls(n, **options)` with the given transfer stencils: one 3x3 stencil for every level, or
+        one per level, shape (depth, 3, 3). None keeps full weighting / bilinear interpolation, so
+        `from_stencils(n, omega=w)` is the classical cycle with Jacobi weight w."""
+        model = cls(n, **options)
+        for name, stencil in (("restriction", restriction), ("prolongation", prolongation)):
+            if stencil is not None:
+                param = getattr(model, name)
+                value = jnp.asarray(stencil, param.dtype)
+                if value.shape not in ((3, 3), param.shape):
+                    raise ValueError(f"{name} must be a 3x3 stencil or one per level, shape {param.shape}, "
+                                     f"got {value.shape}")
+                param[...] = jnp.broadcast_to(value, param.shape)
+        return model
 
     def operators(self, operator) -> list:
         """The operator on every level, finest first."""
@@ -81,8 +93,8 @@ class MultigridUNet(nnx.Module):
         return ops
 
     def smoothing_block(self, op, u, f, omega):
-        """Residual block u <- u + omega D^{-1} (f - A u): one weighted-Jacobi sweep."""
-        return u + omega / op.diagonal(u.dtype) * (f - op(u))
+        """A residual block: one `multigrid.jacobi` sweep with weight omega."""
+        return mg.relax(op, u, f, omega / op.diagonal(u.dtype))
 
     def v_cycle(self, ops, u, f, level: int = 0):
         op = ops[level]
@@ -99,13 +111,14 @@ class MultigridUNet(nnx.Module):
         return u
 
     def __call__(self, f, operator, u0=None, cycles: int | None = None):
+        cycles = self.cycles if cycles is None else mg.check_count("cycles", cycles, 1)
+        mg.check_operator("operator", operator)
         if operator.ndim != 2 or operator.n != self.n:
             raise ValueError(f"operator must be a 2-D operator on the grid with n = {self.n}, "
                              f"got ndim={operator.ndim}, n={operator.n}")
-        f = mg._check_field("f", f, operator.shape)
-        given = {} if u0 is None else {"u0": mg._check_field("u0", u0, operator.shape).astype(f.dtype)}
-        f = mg._finite(f, f=f, **given)  # every cycle reads f (grids here are small: no copy to avoid)
+        f = mg.check_field("f", f, operator.shape)
+        given = {} if u0 is None else {"u0": mg.check_field("u0", u0, operator.shape).astype(f.dtype)}
+        f = mg.check_finite(f, f=f, **given)  # every cycle reads f (grids here are small: no copy to avoid)
         u0 = given.get("u0", jnp.zeros_like(f))
         ops = self.operators(operator)
-        cycles = self.cycles if cycles is None else cycles
         return jax.lax.fori_loop(0, cycles, lambda _, u: self.v_cycle(ops, u, f), u0)
