@@ -1,6 +1,7 @@
 """Vector fields f(t, y) as flax.nnx modules: the only place a network lives.
 
-Every field is called as `field(t, y)` and returns dy/dt with the shape of `y`. `odeint` splits a
+Every field is called as `field(t, y, args=None)` and returns dy/dt with the shape of `y`, so a field
+is a `diffrax.ODETerm` vector field as it is (`args` is accepted and unused). `odeint` splits a
 field into its graph and parameters itself. Depth-varying parameters (one theta_k per residual
 block) are a `DepthStack`: the parameters carry a leading depth axis and step k of a fixed-step
 solve uses slice k for all of its stages, so an L-step Euler solve of a `DepthStack` of L fields is
@@ -18,7 +19,7 @@ from flax import nnx
 from jax import lax
 
 
-def _with_time(t, y, channel_axis_last: bool = True):
+def _with_time(t, y):
     """Append t as one extra feature (or channel) to y: the "concat" time conditioning of
     Chen et al. 2018, torchdiffeq's ConcatConv2d."""
     t_feature = jnp.broadcast_to(jnp.asarray(t, y.dtype), y.shape[:-1] + (1,))
@@ -78,7 +79,7 @@ class MLPField(nnx.Module):
         self.time_dependent = time_dependent
         self.activation = activation
 
-    def __call__(self, t, y):
+    def __call__(self, t, y, args=None):
         h = y
         for i, layer in enumerate(self.layers):
             if i > 0:
@@ -90,8 +91,8 @@ class MLPField(nnx.Module):
 class ConvField(nnx.Module):
     """f(t, y) = conv_2(s(norm_2(conv_1(s(norm_1(y)))))) with "same" padding, channels last
     (NWC for `spatial_dims=1`, NHWC for 2): the pre-activation residual branch of He et al. 2016
-    and the ODE function of Chen et al. 2018. Convolutions run through `field_conv`. `time_dependent` feeds t as an extra input channel to
-    both convolutions; `norm` adds GroupNorm (gcd(32, channels) groups, so any width works)
+    and the ODE function of Chen et al. 2018. Convolutions run through `field_conv`.
+    `time_dependent` feeds t as an extra input channel to both convolutions; `norm` adds GroupNorm (gcd(32, channels) groups, so any width works)
     before each activation.
     """
 
@@ -114,7 +115,7 @@ class ConvField(nnx.Module):
         self.time_dependent = time_dependent
         self.activation = activation
 
-    def __call__(self, t, y):
+    def __call__(self, t, y, args=None):
         h = self.activation(self.norm1(y) if self.norm else y)
         h = self.conv1(_with_time(t, h) if self.time_dependent else h)
         h = self.activation(self.norm2(h) if self.norm else h)
@@ -146,6 +147,6 @@ class DepthStack(nnx.Module):
         graphdef, state = nnx.split(self.layers)
         return nnx.merge(graphdef, jax.tree.map(lambda x: x[k], state))
 
-    def __call__(self, t, y):
+    def __call__(self, t, y, args=None):
         raise TypeError("a DepthStack has one field per step: integrate it with odeint and a "
                         "fixed-step solver, or call .layer(k)(t, y)")

@@ -1,233 +1,300 @@
 """`odeint` and `solve`: validation, dispatch to the fixed-step loops or to diffrax, statistics.
 
-Errors come in three tiers (DESIGN.md): static misuse raises ValueError/TypeError at trace time
-naming the argument; value checks under `jit` (non-finite y0, traced `ts` not increasing) use
-`equinox.error_if`; solver failure (max_steps reached) is `Solution.max_steps_reached`, and raises
-unless `solve(..., throw=False)`.
+Errors come in three tiers (DESIGN.md, `neuralode.validation`): static misuse raises
+ValueError/TypeError before tracing, naming the argument; values are checked eagerly when concrete
+and with `equinox.error_if` under `jit`; solver failure (max_steps reached, a vector field that
+returns nan/inf) is `Solution.result`, and raises unless `solve(..., throw=False)`.
+
+Eager calls are compiled once: the solve runs under an inner `equinox.filter_jit` keyed on the
+static parts (the field's function or nnx graph, solver, adjoint, options, shapes), taking the
+arrays (y0, ts, args, the field's parameters) as arguments. Under an outer transformation (`jit`,
+`grad`, `vmap` with traced inputs) the solve is traced inline. A plain-function field is keyed by
+identity, so values it reads from globals are frozen at its first eager call, as with `jax.jit`:
+pass such values in `args`, or make the field an nnx module (its parameters are always read).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
-import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from neuralode.adjoints import AbstractAdjoint, DiscreteAdjoint, Dynamics, reconstruction_error
+from neuralode import adaptive, validation
+from neuralode.adaptive import RESULTS
+from neuralode.adjoints import (AbstractAdjoint, AdaptiveOptions, DiscreteAdjoint, _AdaptiveStepper,
+                                _FixedStepper, reconstruction_error)
 from neuralode.fields import DepthStack
-from neuralode.solvers import RK4, AbstractAdaptiveSolver, AbstractSolver, Leapfrog
+from neuralode.solvers import AbstractSolver, Dopri5
+from neuralode.stepping import Dynamics, hermite_interpolation
+
+RTOL, ATOL = 1e-6, 1e-8
 
 
 class Solution(NamedTuple):
     """What `solve` returns: the states `ys` at `ts` (leading axis len(ts)) and statistics.
 
     `stats` holds `num_steps`, `num_accepted_steps`, `num_rejected_steps`, `nfe` (vector-field
-    evaluations of the forward solve) and `nfe_backward` (evaluations or vector-Jacobian products of
-    the backward pass of a fixed-step solve; -1 where diffrax decides it adaptively).
-    `max_steps_reached` is True when an adaptive solve stopped at `max_steps` (only seen with
-    `throw=False`; otherwise that raises).
+    evaluations of the forward solve, counted as they happen; -1 for a diffrax solver that is not
+    an explicit Runge-Kutta method) and `nfe_backward` (evaluations or vector-Jacobian products of
+    the backward pass of a fixed-step solve; -1 where diffrax decides it adaptively), each a jax
+    int32 scalar on every path. `result` is the status (`neuralode.adaptive.RESULTS`:
+    successful, max_steps_reached, nonfinite_field, event_occurred, ...), only seen other than
+    successful with `throw=False`. `interpolation` (with `dense=True`) gives `evaluate(t)`;
+    `event_mask` is diffrax's, with an `event`.
     """
 
     ts: jax.Array
     ys: Any
     stats: dict
-    max_steps_reached: jax.Array
+    result: Any
+    interpolation: Any = None
+    event_mask: Any = None
+
+    @property
+    def max_steps_reached(self) -> jax.Array:
+        return self.result == RESULTS.max_steps_reached
+
+    def evaluate(self, t):
+        """The solution at time `t` (a scalar or a 1-D array of times), from the dense output:
+        diffrax's interpolation for a diffrax-stepped solve, cubic Hermite between fixed steps."""
+        if self.interpolation is None:
+            raise ValueError("Solution.evaluate needs the dense output: call solve(..., "
+                             "dense=True)")
+        t = jnp.asarray(t)
+        like = jax.tree.map(lambda y: y[0], self.ys)
+
+        def one(s):
+            return jax.tree.map(lambda y, z: y.astype(z.dtype), self.interpolation.evaluate(s),
+                                like)
+
+        return one(t) if t.ndim == 0 else jax.vmap(one)(t)
 
 
-def _dynamics(f, args) -> Dynamics:
-    """The field as `func(t, y, args, tied, layer)` with its parameters split out."""
+@dataclasses.dataclass(frozen=True)
+class _FunctionField:
+    """A field given as a function or an equinox module: its arrays travel as `tied`."""
+
+    static: Any
+
+    def __call__(self, t, y, args, tied, layer):
+        return eqx.combine(tied, self.static)(t, y, args)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModuleField:
+    graphdef: Any
+
+    def __call__(self, t, y, args, tied, layer):
+        return nnx.merge(self.graphdef, tied)(t, y, args)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StackField:
+    graphdef: Any
+
+    def __call__(self, t, y, args, tied, layer):
+        return nnx.merge(self.graphdef, layer)(t, y, args)
+
+
+def _split(f) -> tuple[Callable, Any, Any]:
+    """The field as `(func, tied, stacked)`: a hashable `func(t, y, args, tied, layer)` and its
+    parameters, shared by every step (`tied`) or one slice per step (`stacked`)."""
     if isinstance(f, DepthStack):
+        validation.check_module_call(f.layers)
         graphdef, stacked = nnx.split(f.layers)
-        call = lambda t, y, args, tied, layer: nnx.merge(graphdef, layer)(t, y)  # noqa: E731
-        return Dynamics(call, None, stacked)
+        return _StackField(graphdef), None, stacked
     if isinstance(f, nnx.Module):
+        validation.check_module_call(f)
         graphdef, tied = nnx.split(f)
-        call = lambda t, y, args, tied, layer: nnx.merge(graphdef, tied)(t, y)  # noqa: E731
-        return Dynamics(call, tied, None)
+        return _ModuleField(graphdef), tied, None
     if callable(f):
-        return Dynamics(lambda t, y, args, tied, layer: f(t, y, args), None, None)
-    raise TypeError(f"f must be a function f(t, y, args) or an nnx.Module field(t, y), got {f!r}")
+        tied, static = eqx.partition(f, eqx.is_array)
+        return _FunctionField(static), tied, None
+    raise TypeError(f"f must be a function f(t, y, args) or an nnx.Module field(t, y, args), "
+                    f"got {f!r}")
 
 
-def _check_ts(ts) -> jax.Array:
-    ts = jnp.asarray(ts)
-    if ts.ndim != 1 or ts.shape[0] < 2:
-        raise ValueError(f"ts must be a 1-D array of at least 2 times, got shape {ts.shape}")
-    if not jnp.issubdtype(ts.dtype, jnp.floating):
-        ts = ts.astype(jnp.result_type(float))
-    if isinstance(ts, jax.core.Tracer):
-        return eqx.error_if(ts, jnp.any(jnp.diff(ts) <= 0), "ts must be strictly increasing")
-    steps = np.diff(np.asarray(ts))
-    if not np.all(steps > 0):
-        bad = int(np.argmax(steps <= 0))
-        raise ValueError(f"ts must be strictly increasing, but ts[{bad + 1}] = {ts[bad + 1]} "
-                         f"<= ts[{bad}] = {ts[bad]}")
-    return ts
+class _Options(NamedTuple):
+    """Everything of a solve but its arrays (static under the inner jit, except diffrax's arrays)."""
+
+    func: Callable
+    solver: Any
+    adjoint: AbstractAdjoint
+    substeps: int
+    max_steps: int
+    throw: bool
+    controlled: Callable | None
+    stepsize_controller: Any
+    event: Any
+    dense: bool
+    check_finite: bool
 
 
-def _check_y0(y0, ts, solver):
-    """y0 as arrays, after the static checks; returns (y0, ts) with the non-finite check attached."""
-    leaves = jax.tree.leaves(y0)
-    if not leaves:
-        raise ValueError("y0 must contain at least one array")
-    for leaf in leaves:
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            raise TypeError(f"y0 must hold floating-point arrays, got dtype {jnp.result_type(leaf)}")
-    if isinstance(solver, Leapfrog) and not (isinstance(y0, (tuple, list)) and len(y0) == 2):
-        raise TypeError("solver=Leapfrog() needs y0 given as a pair (q, p), got "
-                        f"{jax.tree.structure(y0)}")
-    y0 = jax.tree.map(jnp.asarray, y0)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(y0)]))
-    # The check rides on the small `ts`, which every solve uses: wrapping y0 itself put the error
-    # primitive on the state's path through the forward and backward passes (5 % of a ResNet step).
-    return y0, eqx.error_if(ts, ~finite, "y0 contains non-finite values (nan or inf)")
-
-
-def _check_field_output(dynamics: Dynamics, ts, y0, args):
-    layer = jax.tree.map(lambda x: x[0], dynamics.stacked)
-    out = jax.eval_shape(dynamics.func, ts[0], y0, args, dynamics.tied, layer)
-    expected = jax.tree.map(lambda y: jax.ShapeDtypeStruct(jnp.shape(y), jnp.result_type(y)), y0)
-    if jax.tree.structure(out) != jax.tree.structure(expected):
-        raise ValueError(f"f must return dy/dt with the structure of y0 {jax.tree.structure(y0)}, "
-                         f"got {jax.tree.structure(out)}")
-    for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(expected)):
-        if got.shape != want.shape or got.dtype != want.dtype:
-            raise ValueError(f"f must return dy/dt with the shape and dtype of y0: expected "
-                             f"{want.shape} {want.dtype}, got {got.shape} {got.dtype}")
-
-
-def solve(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolver = RK4(),
-          substeps: int = 1, adjoint: AbstractAdjoint = DiscreteAdjoint(), rtol: float = 1e-6,
-          atol: float = 1e-8, max_steps: int = 4096, throw: bool = True,
-          controlled: Callable | None = None) -> Solution:
+def solve(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolver = Dopri5(),
+          substeps: int = 1, adjoint: AbstractAdjoint = DiscreteAdjoint(), rtol: float = RTOL,
+          atol: float = ATOL, max_steps: int = 4096, throw: bool = True,
+          controlled: Callable | None = None, stepsize_controller=None, event=None,
+          dense: bool = False, check_finite: bool = False) -> Solution:
     """Integrate dy/dt = f(t, y, args) from ts[0] and return a `Solution` with the states at `ts`.
 
-    Arguments are those of `odeint`, plus `throw`: whether reaching `max_steps` raises (True) or is
-    reported in `Solution.max_steps_reached` (False), and `controlled` (adaptive solvers only): a
-    function of a state-shaped pytree returning the parts whose local error the step-size
-    controller bounds (None: all of it). Leave out quadrature states, integrals carried along that
-    the field never reads (RNODE's regularisers): their error does not feed back into the rest, so
-    controlling it only buys smaller steps. With `BacksolveAdjoint` the backwards solve controls
-    the same parts of the state and of its adjoint, and all parameter cotangents.
+    Arguments are those of `odeint`, plus:
+    throw: whether a failed solve (max_steps reached, f returning nan/inf) raises (True) or is
+        reported in `Solution.result` (False).
+    controlled (adaptive solvers only): a function of a state-shaped pytree returning the parts
+        whose local error the step-size controller bounds (None: all of it). Leave out quadrature
+        states, integrals carried along that the field never reads (RNODE's regularisers): their
+        error does not feed back into the rest, so controlling it only buys smaller steps. With
+        `BacksolveAdjoint` the backwards solve controls the same parts of the state and of its
+        adjoint, and all parameter cotangents.
+    stepsize_controller, event (diffrax-stepped solves): any diffrax step-size controller (in
+        place of `PIDController(rtol, atol)`) and a `diffrax.Event` (the states after it are inf).
+    dense: keep the dense output, for `Solution.evaluate(t)` (every solver; not with
+        `BacksolveAdjoint`). A fixed-step solve then also stores the state of every step.
+    check_finite: raise if the returned states, or the gradients reaching y0, args and the field's
+        parameters, are not finite (two cheap `isfinite` reductions). Without it a fixed-step
+        solve passes nan/inf through to its outputs and gradients; a diffrax-stepped one rejects
+        non-finite steps and reports a field that stays non-finite (`RESULTS.nonfinite_field`).
     """
-    if not isinstance(solver, AbstractSolver):
-        raise TypeError(f"solver must be a neuralode solver such as RK4() or Dopri5(), got "
-                        f"{solver!r}")
-    if not isinstance(adjoint, AbstractAdjoint):
-        raise TypeError(f"adjoint must be DiscreteAdjoint(), CheckpointAdjoint() or "
-                        f"BacksolveAdjoint(), got {adjoint!r}")
-    if not isinstance(substeps, (int, np.integer)) or isinstance(substeps, bool) or substeps < 1:
-        raise ValueError(f"substeps must be an int >= 1, got {substeps!r}")
-    if not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
-        raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
-    if isinstance(f, nnx.Module) and args is not None:
-        raise ValueError("args must be None when f is an nnx.Module: a field is called as "
-                         "field(t, y) and carries its own parameters")
-    adjoint.check_solver(solver)
-    ts = _check_ts(ts)
-    y0, ts = _check_y0(y0, ts, solver)
-    dynamics = _dynamics(f, args)
+    adjoint = validation.check_options(
+        solver, adjoint, substeps=substeps, max_steps=max_steps, rtol=rtol, atol=atol,
+        throw=throw, controlled=controlled, stepsize_controller=stepsize_controller, event=event,
+        dense=dense, check_finite=check_finite, defaults=(RTOL, ATOL))
+    validation.check_tolerances(rtol, atol)
+    y0 = validation.check_y0(y0, solver)
+    ts = validation.check_ts(ts, validation.time_dtype(y0))
+    func, tied, stacked = _split(f)
     intervals = ts.shape[0] - 1
-
-    if controlled is not None and not callable(controlled):
-        raise TypeError(f"controlled must be a function of the state or None, got {controlled!r}")
-    if solver.adaptive:
-        if substeps != 1:
-            raise ValueError(f"substeps applies to fixed-step solvers; {solver!r} chooses its own "
-                             f"steps, got substeps={substeps}")
-        if dynamics.stacked is not None:
+    steps = intervals * int(substeps)
+    if stacked is not None:
+        if not validation.fixed_steps(solver, stepsize_controller):
             raise ValueError("f is a DepthStack (one field per step), which needs a fixed-step "
                              f"solver; got solver={solver!r}")
-        _check_field_output(dynamics, ts, y0, args)
-        return _solve_adaptive(dynamics, solver, y0, ts, args, adjoint, rtol, atol, max_steps,
-                               throw, controlled)
-    if controlled is not None:
-        raise ValueError(f"controlled applies to adaptive solvers; {solver!r} takes fixed steps")
-
-    steps = intervals * int(substeps)
-    if isinstance(f, DepthStack) and f.depth != steps:
-        raise ValueError(f"f is a DepthStack of depth {f.depth}, but the solve takes "
-                         f"(len(ts) - 1) * substeps = {intervals} * {substeps} = {steps} steps")
-    if steps > max_steps:
+        if f.depth != steps:
+            raise ValueError(f"f is a DepthStack of depth {f.depth}, but the solve takes "
+                             f"(len(ts) - 1) * substeps = {intervals} * {substeps} = {steps} steps")
+    if validation.fixed_steps(solver, stepsize_controller) and steps > max_steps:
         raise ValueError(f"the solve takes (len(ts) - 1) * substeps = {steps} steps, more than "
                          f"max_steps={max_steps}")
-    _check_field_output(dynamics, ts, y0, args)
-    ys = adjoint.integrate(dynamics, solver, y0, ts, args, int(substeps))
-    nfe = steps * solver.evaluations_per_step
-    stats = {"num_steps": steps, "num_accepted_steps": steps, "num_rejected_steps": 0, "nfe": nfe,
-             "nfe_backward": adjoint.backward_evaluations(nfe)}
-    return Solution(ts, ys, stats, jnp.asarray(False))
+    options = _Options(func, solver, adjoint, int(substeps), int(max_steps), throw, controlled,
+                       stepsize_controller, event, dense, check_finite)
+    arrays = (y0, ts, args, tied, stacked, rtol, atol)
+    if validation.is_traced((arrays, stepsize_controller, event)):
+        return _solve(options, *arrays)
+    return _solve_compiled(options, *arrays)
 
 
-def _controllers(rtol, atol, controlled):
-    """The forward PID controller and the backwards one of BacksolveAdjoint (None: the forward
-    one), both with diffrax's default (RMS) norm restricted to the `controlled` parts of the state."""
-    default = diffrax.PIDController(rtol=rtol, atol=atol)
-    if controlled is None:
-        return default, None
-    norm = default.norm
-    forward = diffrax.PIDController(rtol=rtol, atol=atol, norm=lambda e: norm(controlled(e)))
-    # The backwards state is (y, a_y, a_args, a_terms) (diffrax.BacksolveAdjoint).
-    backward = diffrax.PIDController(
-        rtol=rtol, atol=atol, norm=lambda e: norm((controlled(e[0]), controlled(e[1]), e[2], e[3])))
-    return forward, backward
+def _solve(options: _Options, y0, ts, args, tied, stacked, rtol, atol) -> Solution:
+    ts = validation.attach_value_checks(ts, y0, rtol, atol)
+    validation.check_field_output(options.func, ts, y0, args, tied, stacked)
+    if options.check_finite:
+        y0, args, tied, stacked = _check_cotangents((y0, args, tied, stacked))
+    dynamics = Dynamics(options.func, tied, stacked)
+    solver, adjoint = options.solver, options.adjoint
+    interpolation = event_mask = None
+    if adaptive.is_diffrax_stepped(solver):
+        adaptive_options = AdaptiveOptions(solver, options.stepsize_controller, options.controlled,
+                                           options.max_steps, options.substeps, options.dense,
+                                           options.event)
+        ys, stats, result, interpolation, event_mask = adjoint.solve_adaptive(
+            dynamics, y0, ts, args, (rtol, atol), adaptive_options)
+        stats = dict(stats, nfe_backward=jnp.asarray(-1, jnp.int32))
+    else:
+        out = adjoint.integrate(dynamics, solver, y0, ts, args, options.substeps,
+                                every_step=options.dense)
+        ys = out
+        if options.dense:
+            ys, grid = out
+            interpolation = hermite_interpolation(dynamics, ts, grid, args, options.substeps)
+        steps = (ts.shape[0] - 1) * options.substeps
+        nfe = solver.evaluations(steps, depth_varying=stacked is not None)
+        stats = {"num_steps": steps, "num_accepted_steps": steps, "num_rejected_steps": 0,
+                 "nfe": nfe, "nfe_backward": adjoint.backward_evaluations(nfe)}
+        stats = {k: jnp.asarray(v, jnp.int32) for k, v in stats.items()}
+        result = RESULTS.successful
+    # diffrax computes in the dtype of the times where it is wider; the states keep y0's dtypes.
+    ys = jax.tree.map(lambda y, y0: y.astype(y0.dtype), ys, y0)
+    if options.throw:
+        ok = (result == RESULTS.successful) | (result == RESULTS.event_occurred)
+        ys = result.error_if(ys, ~ok)
+    if options.check_finite:
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(y)) for y in jax.tree.leaves(ys)]))
+        ys = eqx.error_if(ys, ~finite, "check_finite: the solve's states ys are not finite (nan "
+                                       "or inf)")
+    return Solution(ts, ys, stats, result, interpolation, event_mask)
 
 
-def _solve_adaptive(dynamics, solver: AbstractAdaptiveSolver, y0, ts, args, adjoint, rtol, atol,
-                    max_steps, throw, controlled) -> Solution:
-    # Parameters travel in diffrax's `args`, so every diffrax adjoint differentiates them.
-    def vector_field(t, y, args_and_tied):
-        args, tied = args_and_tied
-        return dynamics.func(t, y, args, tied, None)
+_solve_compiled = eqx.filter_jit(_solve)
 
-    forward, backward = _controllers(rtol, atol, controlled)
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(vector_field), solver.diffrax_solver(), t0=ts[0], t1=ts[-1], dt0=None,
-        y0=y0, args=(args, dynamics.tied), saveat=diffrax.SaveAt(ts=ts),
-        stepsize_controller=forward, adjoint=adjoint.diffrax_adjoint(backward),
-        max_steps=max_steps, throw=throw)
-    steps = sol.stats["num_steps"]
-    stats = {"num_steps": steps, "num_accepted_steps": sol.stats["num_accepted_steps"],
-             "num_rejected_steps": sol.stats["num_rejected_steps"],
-             "nfe": solver.initial_evaluations + solver.evaluations_per_step * steps,
-             "nfe_backward": -1}
-    return Solution(ts, sol.ys, stats, sol.result == diffrax.RESULTS.max_steps_reached)
+
+@jax.custom_vjp
+def _check_cotangents(tree):
+    """The identity, whose backward pass raises if a cotangent is not finite."""
+    return tree
+
+
+def _check_cotangents_fwd(tree):
+    return tree, None
+
+
+def _check_cotangents_bwd(_, cotangents):
+    leaves = [c for c in jax.tree.leaves(cotangents) if jnp.issubdtype(c.dtype, jnp.inexact)]
+    if leaves:
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(c)) for c in leaves]))
+        cotangents = eqx.error_if(cotangents, ~finite, "check_finite: the gradient with respect "
+                                  "to y0, args or the field's parameters is not finite (nan or inf)")
+    return (cotangents,)
+
+
+_check_cotangents.defvjp(_check_cotangents_fwd, _check_cotangents_bwd)
 
 
 def backsolve_reconstruction_error(f: Callable | nnx.Module, y0, ts, args=None, *,
-                                   solver: AbstractSolver = RK4(), substeps: int = 1):
+                                   solver: AbstractSolver = Dopri5(), substeps: int = 1,
+                                   rtol: float = RTOL, atol: float = ATOL, max_steps: int = 4096):
     """How well the backwards solve of `BacksolveAdjoint` recovers the forward states.
 
     Returns, for each interval of `ts`, max |y(ts[i]) - y~(ts[i])| where y~ is y(ts[i+1])
-    integrated backwards with the same fixed-step solver and steps (with `ts = [t0, t1]`: the
-    reconstruction error of y0). Large values mean the continuous adjoint linearises around the
-    wrong trajectory (Gholami et al. 2019).
+    integrated backwards with the same solver (the same fixed steps, or adaptive steps at the same
+    tolerances) (with `ts = [t0, t1]`: the reconstruction error of y0). Large values mean the
+    continuous adjoint linearises around the wrong trajectory (Gholami et al. 2019).
     """
-    if solver.adaptive:
-        raise ValueError(f"backsolve_reconstruction_error needs a fixed-step solver, got {solver!r}")
-    sol = solve(f, y0, ts, args, solver=solver, substeps=substeps, adjoint=DiscreteAdjoint())
-    return reconstruction_error(_dynamics(f, args), solver, sol.ys, sol.ts, args, int(substeps))
+    sol = solve(f, y0, ts, args, solver=solver, substeps=substeps, rtol=rtol, atol=atol,
+                max_steps=max_steps)
+    func, tied, stacked = _split(f)
+    if adaptive.is_diffrax_stepped(solver):
+        stepper = _AdaptiveStepper(AdaptiveOptions(solver, None, None, max_steps))
+    else:
+        stepper = _FixedStepper(solver, int(substeps))
+    return reconstruction_error(Dynamics(func, tied, stacked), stepper, sol.ys, sol.ts, args,
+                                (rtol, atol))
 
 
-def odeint(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolver = RK4(),
-           substeps: int = 1, adjoint: AbstractAdjoint = DiscreteAdjoint(), rtol: float = 1e-6,
-           atol: float = 1e-8, max_steps: int = 4096):
+def odeint(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolver = Dopri5(),
+           substeps: int = 1, adjoint: AbstractAdjoint = DiscreteAdjoint(), rtol: float = RTOL,
+           atol: float = ATOL, max_steps: int = 4096, **options):
     """Solve dy/dt = f(t, y, args) and return the states at `ts` (leading axis len(ts), ys[0] = y0).
 
     f: a pure function `f(t, y, args)` with `y` any pytree of arrays, or an `nnx.Module` field
-        called as `field(t, y)` (its parameters are split out, so gradients reach them under every
-        adjoint), or a `DepthStack` (one field per step: an L-step solve is an L-block network).
-    ts: strictly increasing 1-D times. A fixed-step solver crosses each interval in `substeps` equal
-        steps, so `ts = linspace(0, T, L + 1)` returns every activation of an L-block network.
-    solver: Euler/Midpoint/Heun/RK4/Leapfrog (fixed step) or Dopri5/Tsit5 (adaptive, via
-        `diffrax.diffeqsolve` with `PIDController(rtol, atol)`).
-    adjoint: DiscreteAdjoint (backprop through the steps), CheckpointAdjoint, BacksolveAdjoint.
+        called as `field(t, y, args)` (its parameters are split out, so gradients reach them under
+        every adjoint), or a `DepthStack` (one field per step: an L-step solve is an L-block
+        network).
+    ts: strictly monotone 1-D times (decreasing: integrate backwards in time). A fixed-step solver
+        crosses each interval in `substeps` equal steps, so `ts = linspace(0, T, L + 1)` returns
+        every activation of an L-block network. Times are computed in y0's (real) dtype.
+    solver: Dopri5 (the default: adaptive, accurate to rtol/atol) or Tsit5, via
+        `diffrax.diffeqsolve` with `PIDController(rtol, atol)`; any diffrax solver (e.g.
+        `diffrax.Kvaerno5()` for stiff problems); or a fixed-step solver asked for by name:
+        Euler/Midpoint/Heun/RK4/Leapfrog (a discrete-depth network).
+    adjoint: DiscreteAdjoint (backprop through the steps), CheckpointAdjoint, BacksolveAdjoint, or
+        any diffrax adjoint for a diffrax-stepped solve (`diffrax.ForwardMode()` for `jax.jacfwd`).
     max_steps: the most steps allowed; an adaptive solve that needs more raises.
+    options: those of `solve` (throw, controlled, stepsize_controller, event, dense,
+        check_finite).
 
-    For statistics (steps, NFE, failure status) call `solve` with the same arguments.
+    For statistics (steps, NFE, failure status) and dense output call `solve`.
     """
     return solve(f, y0, ts, args, solver=solver, substeps=substeps, adjoint=adjoint, rtol=rtol,
-                 atol=atol, max_steps=max_steps).ys
+                 atol=atol, max_steps=max_steps, **options).ys

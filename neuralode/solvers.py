@@ -4,6 +4,11 @@ A fixed-step solver is a `step(f, t, y, h, args) -> y_next` and its `order`: run
 `t_k = t0 + k h`, it *is* a discrete-depth network (Euler = ResNet, RK4 = RK-Net, Leapfrog =
 Hamiltonian net). An adaptive solver names the diffrax solver that `odeint` hands the problem to.
 
+Every solver also tells the driver what it needs to know about it, so that the driver never asks
+which solver it holds: `check_state(y0)` (the state structure it can step), `backsolve_refusal`
+(why the continuous adjoint does not apply, or None) and, for fixed steps, `evaluations(steps,
+depth_varying)` (the vector-field evaluations of a solve).
+
 The state `y` may be any pytree of arrays; every update below is applied leaf by leaf.
 """
 from __future__ import annotations
@@ -46,6 +51,10 @@ class AbstractSolver(abc.ABC):
 
     order: ClassVar[int]
     adaptive: ClassVar[bool]
+    backsolve_refusal: ClassVar[str | None] = None  # why BacksolveAdjoint cannot be used, if so
+
+    def check_state(self, y0) -> None:
+        """Raise TypeError if this solver cannot step a state with the structure of `y0`."""
 
     def __eq__(self, other):
         return type(self) is type(other)
@@ -58,12 +67,32 @@ class AbstractSolver(abc.ABC):
 
 
 class AbstractFixedStepSolver(AbstractSolver):
+    """A fixed-step solver. `step` is one self-contained step; a solve runs `init` once and then
+    `advance`, which may carry a state between steps (first-same-as-last: a field value the next
+    step reuses). A depth-varying field changes between steps, so its solve calls `init` before
+    every step."""
+
     adaptive = False
     evaluations_per_step: ClassVar[int]
+    initial_evaluations: ClassVar[int] = 0  # evaluations of `init`
 
     @abc.abstractmethod
     def step(self, f: Callable, t, y, h, args):
         """One step of size `h` from `(t, y)`; `f(t, y, args)` is the vector field."""
+
+    def init(self, f: Callable, t, y, args):
+        """The state carried into the first step (None: nothing is carried)."""
+        return None
+
+    def advance(self, f: Callable, t, y, h, args, state):
+        """One step that reads and returns the carried state: `(y_next, state_next)`."""
+        return self.step(f, t, y, h, args), state
+
+    def evaluations(self, steps: int, depth_varying: bool = False) -> int:
+        """Vector-field evaluations of `steps` steps (a depth-varying field re-runs `init` per step)."""
+        if depth_varying:
+            return steps * (self.evaluations_per_step + self.initial_evaluations)
+        return steps * self.evaluations_per_step + self.initial_evaluations
 
 
 class AbstractRungeKutta(AbstractFixedStepSolver):
@@ -118,7 +147,10 @@ class Midpoint(AbstractRungeKutta):
 
 
 class Heun(AbstractRungeKutta):
-    """Heun's method (explicit trapezoidal rule): order 2."""
+    """Heun's method (explicit trapezoidal rule), order 2:
+
+        k_1 = f(t, y),   k_2 = f(t + h, y + h k_1),   y_next = y + h/2 (k_1 + k_2).
+    """
 
     order = 2
     tableau = _tableau([[], [1]], [0.5, 0.5], [0, 1])
@@ -126,7 +158,12 @@ class Heun(AbstractRungeKutta):
 
 
 class RK4(AbstractRungeKutta):
-    """The classical fourth-order Runge-Kutta method: order 4. One step is one RK-Net block."""
+    """The classical fourth-order Runge-Kutta method, order 4 (one step is one RK-Net block):
+
+        k_1 = f(t, y),                   k_2 = f(t + h/2, y + h/2 k_1),
+        k_3 = f(t + h/2, y + h/2 k_2),   k_4 = f(t + h, y + h k_3),
+        y_next = y + h/6 (k_1 + 2 k_2 + 2 k_3 + k_4).
+    """
 
     order = 4
     tableau = _tableau([[], [0.5], [0, 0.5], [0, 0, 1]], [1 / 6, 1 / 3, 1 / 3, 1 / 6],
@@ -143,17 +180,38 @@ class Leapfrog(AbstractFixedStepSolver):
     (e.g. a Hamiltonian H = T(p) + U(q)). Order 2, symplectic and time-reversible, so the energy of
     a harmonic oscillator oscillates but does not drift (Hairer, Lubich & Wanner, GNI I.1.4).
     Stable on q'' = -omega^2 q exactly for h omega < 2; see `amplification_matrix`.
+
+    Cost: the force F(t + h, q_next) that ends a step begins the next one (first-same-as-last), so
+    a solve evaluates F once per step plus once at the start, and V once per step. Each call of f
+    feeds only one of its two halves into the step; under `jit` XLA removes the unused half (dead
+    code), so a step costs one evaluation of a separable field. `nfe` counts force evaluations:
+    steps + 1 (2 per step for a depth-varying field, whose force changes between steps).
+    Not available with `BacksolveAdjoint`: the augmented adjoint system is not separable.
     """
 
     order = 2
-    evaluations_per_step = 3
+    evaluations_per_step = 1
+    initial_evaluations = 1
+    backsolve_refusal = ("the augmented adjoint system of Leapfrog() is not separable; use "
+                         "DiscreteAdjoint() or CheckpointAdjoint()")
+
+    def check_state(self, y0):
+        if not (isinstance(y0, (tuple, list)) and len(y0) == 2):
+            raise TypeError("solver=Leapfrog() needs y0 given as a pair (q, p) (a tuple or list of "
+                            f"two parts), got {jax.tree.structure(y0)}")
+
+    def init(self, f, t, y, args):
+        return f(t, y, args)[1]
+
+    def advance(self, f, t, y, h, args, force):
+        q, p = y
+        p_half = axpy(p, 0.5 * h, [(1.0, force)])
+        q_next = axpy(q, h, [(1.0, f(t + 0.5 * h, _pair_like(y, q, p_half), args)[0])])
+        force = f(t + h, _pair_like(y, q_next, p_half), args)[1]
+        return _pair_like(y, q_next, axpy(p_half, 0.5 * h, [(1.0, force)])), force
 
     def step(self, f, t, y, h, args):
-        q, p = y
-        p_half = axpy(p, 0.5 * h, [(1.0, f(t, (q, p), args)[1])])
-        q_next = axpy(q, h, [(1.0, f(t + 0.5 * h, (q, p_half), args)[0])])
-        p_next = axpy(p_half, 0.5 * h, [(1.0, f(t + h, (q_next, p_half), args)[1])])
-        return (q_next, p_next)
+        return self.advance(f, t, y, h, args, self.init(f, t, y, args))[0]
 
     @staticmethod
     def amplification_matrix(x):
@@ -161,19 +219,18 @@ class Leapfrog(AbstractFixedStepSolver):
         return np.array([[1 - x**2 / 2, x], [-x * (1 - x**2 / 4), 1 - x**2 / 2]])
 
 
+def _pair_like(y, q, p):
+    """(q, p) in the container of the pair y (tuple, list or NamedTuple)."""
+    if isinstance(y, tuple) and hasattr(y, "_fields"):
+        return type(y)(q, p)
+    return type(y)((q, p))
+
+
 class AbstractAdaptiveSolver(AbstractSolver):
     """An embedded Runge-Kutta pair run by `diffrax.diffeqsolve` with a `PIDController(rtol, atol)`.
-
-    `evaluations_per_step` and `initial_evaluations` count the vector-field calls: both pairs are
-    first-same-as-last, so every attempted step (accepted or rejected) costs 6 new evaluations,
-    plus the first stage at the start. Counted against a host-side call counter
-    (tests/test_solve.py) this is exact to within one evaluation: diffrax's initial step-size
-    selection adds one more call on some problems.
-    """
+    `solve` counts its vector-field evaluations while it runs (`neuralode.adaptive`)."""
 
     adaptive = True
-    evaluations_per_step = 6
-    initial_evaluations = 1
 
     @abc.abstractmethod
     def diffrax_solver(self) -> diffrax.AbstractSolver:

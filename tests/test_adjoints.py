@@ -1,7 +1,11 @@
 """Adjoints: every gradient against finite differences, the discrete ones against each other and
-against the hand-written co-state recursion (claim A2), and the continuous adjoint's error shrinking
-at the solver's order, in agreement with diffrax's BacksolveAdjoint."""
+against the hand-written co-state recursion (claim A2), the continuous adjoint's error shrinking
+at the solver's order, in agreement with diffrax's BacksolveAdjoint, its gradient with respect to
+the times, and its check of the backwards reconstruction."""
+import warnings
+
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +13,7 @@ import pytest
 from flax import nnx
 
 import neuralode as no
-from helpers import convergence_order
+from helpers import convergence_order, oscillator_field
 
 ADJOINTS = [no.DiscreteAdjoint(), no.CheckpointAdjoint(), no.CheckpointAdjoint(segments=3),
             no.BacksolveAdjoint()]
@@ -94,8 +98,8 @@ def test_gradients_reach_depth_varying_and_tied_parameters(adjoint):
                            (lambda: no.MLPField(3, 6, param_dtype=jnp.float64, rngs=nnx.Rngs(1)),
                             32)]:
         def loss(model, adjoint):
-            ys = no.odeint(model, Y0, jnp.linspace(0.0, 1.0, 3), substeps=substeps,
-                           adjoint=adjoint)
+            ys = no.odeint(model, Y0, jnp.linspace(0.0, 1.0, 3), solver=no.RK4(),
+                           substeps=substeps, adjoint=adjoint)
             return jnp.sum(ys[1:] ** 2)
 
         reference = nnx.grad(lambda m: loss(m, no.DiscreteAdjoint()))(make())
@@ -132,7 +136,8 @@ def test_continuous_adjoint_error_shrinks_at_the_solver_order(solver, rate):
                                 jax.jit(jax.grad(loss, argnums=(0, 1)))(Y0, W)])
 
     steps = [32, 64, 128] if solver.order < 4 else [8, 16, 32]
-    differences = [float(jnp.max(jnp.abs(grads(no.BacksolveAdjoint(), n)
+    # Coarse steps reconstruct y0 to a few per cent (Euler): measured here, not warned about.
+    differences = [float(jnp.max(jnp.abs(grads(no.BacksolveAdjoint(on_mismatch="ignore"), n)
                                          - grads(no.DiscreteAdjoint(), n)))) for n in steps]
     assert abs(convergence_order(steps, differences) - rate) < 0.2
 
@@ -145,7 +150,7 @@ def test_backsolve_agrees_with_diffrax(ours, theirs):
 
     def ours_loss(y0, w):
         return jnp.sum(no.odeint(field, y0, jnp.array([0.0, T]), w, solver=ours, substeps=L,
-                                 adjoint=no.BacksolveAdjoint())[-1] ** 2)
+                                 adjoint=no.BacksolveAdjoint(on_mismatch="ignore"))[-1] ** 2)
 
     def diffrax_loss(y0, w):
         sol = diffrax.diffeqsolve(diffrax.ODETerm(field), theirs, t0=0.0, t1=T, dt0=T / L, y0=y0,
@@ -195,3 +200,98 @@ def test_error_unsupported_solver_adjoint_pair():
 def test_error_bad_segments():
     with pytest.raises(ValueError, match="segments must be a positive int"):
         no.CheckpointAdjoint(segments=0)
+
+
+@pytest.mark.parametrize("solver, substeps", [(no.RK4(), 256), (no.Dopri5(), 1)], ids=repr)
+def test_backsolve_gradient_with_respect_to_the_end_times(solver, substeps):
+    """q' = p, p' = -q from (1, 0): q(t1) = cos(t1 - t0), so at [t0, t1] = [0, 2] the gradient is
+    (sin 2, -sin 2). BacksolveAdjoint used to return 0."""
+    def q_end(ts, adjoint):
+        q, _ = no.odeint(oscillator_field, (jnp.array(1.0), jnp.array(0.0)), ts, solver=solver,
+                         substeps=substeps, adjoint=adjoint, rtol=1e-10, atol=1e-10)
+        return q[-1]
+
+    ts = jnp.array([0.0, 2.0])
+    for adjoint in (no.BacksolveAdjoint(), no.DiscreteAdjoint()):
+        np.testing.assert_allclose(jax.grad(q_end)(ts, adjoint), [np.sin(2.0), -np.sin(2.0)],
+                                   rtol=0, atol=1e-8)
+
+
+def test_backsolve_gradient_with_respect_to_all_times():
+    """Interior times and a time-dependent field (dL/dt_0 = -a(t_0) . f(t_0, y_0) is not the sum of
+    the others): against central differences and against the discrete gradient, which the
+    continuous one approaches at RK4's order."""
+    def loss(ts, adjoint, substeps=200):
+        ys = no.odeint(field, Y0, ts, W, solver=no.RK4(), substeps=substeps, adjoint=adjoint)
+        return jnp.sum(ys[1] ** 2) + jnp.sum(jnp.sin(ys[2]))
+
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    backsolve, discrete = grad(TS, no.BacksolveAdjoint()), grad(TS, no.DiscreteAdjoint())
+    eps, e = 1e-6, jnp.eye(3)
+    central = jnp.stack([(loss(TS + eps * e[i], no.DiscreteAdjoint())
+                          - loss(TS - eps * e[i], no.DiscreteAdjoint())) / (2 * eps)
+                         for i in range(3)])
+    assert float(jnp.max(jnp.abs(backsolve))) > 0.1
+    np.testing.assert_allclose(discrete, central, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(backsolve, discrete, rtol=1e-7, atol=1e-9)
+
+
+def test_error_backsolve_times_of_a_depth_stack():
+    stack = stacked_field(4)
+    with pytest.raises(ValueError, match="does not differentiate ts for a depth-varying field"):
+        jax.grad(lambda ts: jnp.sum(no.odeint(stack, Y0, ts, solver=no.Euler(), substeps=4,
+                                              adjoint=no.BacksolveAdjoint())[-1]))(
+            jnp.array([0.0, 1.0]))
+
+
+def test_adaptive_backsolve_agrees_with_diffrax():
+    """Ours integrates the adjoint system with diffrax over each interval; diffrax's
+    BacksolveAdjoint does the same with its own bookkeeping: equal to the tolerance."""
+    def ours(y0, w):
+        return jnp.sum(no.odeint(field, y0, TS, w, adjoint=no.BacksolveAdjoint(), rtol=1e-10,
+                                 atol=1e-10)[1:] ** 2)
+
+    def theirs(y0, w):
+        return jnp.sum(no.odeint(field, y0, TS, w, adjoint=diffrax.BacksolveAdjoint(), rtol=1e-10,
+                                 atol=1e-10)[1:] ** 2)
+
+    for a, b in zip(jax.grad(ours, argnums=(0, 1))(Y0, W), jax.grad(theirs, argnums=(0, 1))(Y0, W)):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+
+
+def van_der_pol(t, y, args):
+    return jnp.stack([y[1], (1 - y[0] ** 2) * y[1] - y[0]])
+
+
+def test_backsolve_reports_an_unstable_reconstruction():
+    """Van der Pol (mu = 1) from (2, 0): the limit cycle attracts forwards, so the backwards solve
+    drifts off it. Over [0, 14] at tolerance 1e-8 the continuous adjoint's gradient is 4 % off
+    (over [0, 20] at 1e-10, the issue's example: 23 %, and [0, 20] at 1e-8 has the wrong sign)."""
+    ts, y0 = jnp.array([0.0, 14.0]), jnp.array([2.0, 0.0])
+
+    def grad(adjoint):
+        return jax.grad(lambda y: no.odeint(van_der_pol, y, ts, adjoint=adjoint, rtol=1e-8,
+                                            atol=1e-8, max_steps=20_000)[-1, 0])(y0)
+
+    with pytest.warns(no.ReconstructionWarning, match=r"Use adjoint=DiscreteAdjoint\(\).*"
+                                                      r"mismatch = 0.0\d"):
+        continuous = grad(no.BacksolveAdjoint())
+    exact = grad(no.DiscreteAdjoint())
+    assert float(jnp.max(jnp.abs(continuous - exact) / jnp.abs(exact))) > 0.02
+
+
+def test_backsolve_on_mismatch_options():
+    """RK4 with 100 steps on Van der Pol over [0, 10] reconstructs y0 with a relative mismatch of
+    0.4: "raise" raises (under jit too), "ignore" is silent; a stable solve never warns."""
+    ts, y0 = jnp.array([0.0, 10.0]), jnp.array([2.0, 0.0])
+
+    def grad(adjoint):
+        return eqx.filter_jit(jax.grad(lambda y: no.odeint(van_der_pol, y, ts, solver=no.RK4(),
+                                                    substeps=100, adjoint=adjoint)[-1, 0]))(y0)
+
+    with pytest.raises(eqx.EquinoxRuntimeError, match="did not reconstruct the forward states"):
+        jax.block_until_ready(grad(no.BacksolveAdjoint(on_mismatch="raise")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax.block_until_ready(grad(no.BacksolveAdjoint(on_mismatch="ignore")))
+        jax.block_until_ready(jax.grad(loss_of(no.BacksolveAdjoint(on_mismatch="raise")))(Y0, W))

@@ -1,4 +1,6 @@
-"""Fields: shapes, "same" padding, time conditioning and depth-varying parameters."""
+"""Fields: shapes, "same" padding, time conditioning, depth-varying parameters, and the diffrax
+vector-field signature."""
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,3 +61,19 @@ def test_im2col_convolution_equals_xla(shape, kernel):
                                             dimension_numbers=numbers)
     np.testing.assert_allclose(no.fields.im2col_conv(x, w, (1,) * len(kernel), "SAME"), expected,
                                rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: no.MLPField(3, 8, time_dependent=True, param_dtype=jnp.float64, rngs=nnx.Rngs(0)),
+     (2, 3)),
+    (lambda: no.ConvField(2, 4, time_dependent=True, param_dtype=jnp.float64, rngs=nnx.Rngs(0)),
+     (1, 5, 5, 2)),
+    (lambda: no.DepthStack(lambda rngs: no.MLPField(3, 4, param_dtype=jnp.float64, rngs=rngs), 2,
+                           rngs=nnx.Rngs(0)).layer(1), (2, 3)),
+])
+def test_fields_are_diffrax_vector_fields(make, shape):
+    """A field takes (t, y, args=None), so `diffrax.ODETerm(field)` is its vector field as it is."""
+    field = make()
+    y = jax.random.normal(jax.random.key(0), shape, jnp.float64)
+    np.testing.assert_array_equal(diffrax.ODETerm(field).vf(0.3, y, None), field(0.3, y))
+    np.testing.assert_array_equal(field(0.3, y, {"ignored": 1.0}), field(0.3, y))

@@ -221,7 +221,7 @@ class RNODEDynamics(nnx.Module):
         self.field = field
         self.noise = nnx.Variable(noise)
 
-    def __call__(self, t, state):
+    def __call__(self, t, state, args=None):
         y = state[0]
         f, vjp = jax.vjp(lambda y: self.field(t, y), y)
         (e_jac,) = vjp(self.noise[...])
