@@ -31,18 +31,17 @@ initialisation and the energy of its last hidden layer tell smoothing from a tra
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-import threadpoolctl
 from flax import nnx
 from tqdm import tqdm
 
-import neuralode
+from experiments._graph_nets import (MODELS, Graph, GraphNet, diffusion_field, diffusion_propagation,
+                                     dirichlet_energy, euler_states, fit, glorot_kernels,
+                                     initial_residual_field, make_graph, plain_gcn_states, propagate,
+                                     rayleigh_quotient, spectrum, with_ones, without_stationary)
 from experiments.common import flag, main, save_figure
 
 F64 = jnp.float64
@@ -58,7 +57,6 @@ KARATE_EDGES = (
     (24, 31), (25, 31), (26, 29), (26, 33), (27, 33), (28, 31), (28, 33), (29, 32), (29, 33), (30, 32),
     (30, 33), (31, 32), (31, 33), (32, 33))
 KARATE_NODES = 34
-MODELS = ("plain_gcn", "residual_diffusion", "initial_residual")
 
 
 @dataclasses.dataclass
@@ -90,69 +88,6 @@ QUICK = {"train_steps": 100, "train_seeds": 1}
 
 
 # ---------------------------------------------------------------------------------------------
-# Graphs
-
-
-class Graph(NamedTuple):
-    """A_hat as a sparse operator: messages senders -> receivers with weights 1/sqrt(d_i d_j) over
-    both directions of every edge and the self-loops; `edges` the undirected edges (no loops)."""
-
-    senders: jax.Array
-    receivers: jax.Array
-    weights: jax.Array
-    edges: jax.Array
-    degrees: jax.Array
-
-    @property
-    def num_nodes(self) -> int:
-        return self.degrees.shape[0]
-
-
-def make_graph(num_nodes: int, edges) -> Graph:
-    edges = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
-    if np.any(edges[:, 0] == edges[:, 1]) or edges.min() < 0 or edges.max() >= num_nodes:
-        raise ValueError("edges must join two different nodes in [0, num_nodes)")
-    loops = np.arange(num_nodes)
-    senders = np.concatenate([edges[:, 0], edges[:, 1], loops])
-    receivers = np.concatenate([edges[:, 1], edges[:, 0], loops])
-    order = np.argsort(receivers, kind="stable")  # sorted segments sum about 4x faster
-    senders, receivers = senders[order], receivers[order]
-    degrees = np.bincount(receivers, minlength=num_nodes).astype(np.float64)
-    weights = 1 / np.sqrt(degrees[senders] * degrees[receivers])
-    return Graph(jnp.asarray(senders), jnp.asarray(receivers), jnp.asarray(weights),
-                 jnp.asarray(edges), jnp.asarray(degrees))
-
-
-def propagate(graph: Graph, x):
-    """A_hat x."""
-    messages = graph.weights[:, None] * x[graph.senders]
-    return jax.ops.segment_sum(messages, graph.receivers, graph.num_nodes, indices_are_sorted=True)
-
-
-def dirichlet_energy(graph: Graph, x):
-    """trace(x^T (I - A_hat) x), summed over edges so that the D^(1/2) 1 component cancels exactly."""
-    y = x / jnp.sqrt(graph.degrees)[:, None]
-    return jnp.sum((y[graph.edges[:, 0]] - y[graph.edges[:, 1]]) ** 2)
-
-
-def rayleigh_quotient(graph: Graph, x):
-    """E(x) / ||x||^2, in [0, mu_max]: 0 when every node holds the same (degree-scaled) vector."""
-    return dirichlet_energy(graph, x) / jnp.sum(x**2)
-
-
-def spectrum(graph: Graph) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues mu (ascending) and eigenvectors of I - A_hat, densely."""
-    a_hat = np.zeros((graph.num_nodes, graph.num_nodes))
-    np.add.at(a_hat, (np.asarray(graph.receivers), np.asarray(graph.senders)), np.asarray(graph.weights))
-    with threadpoolctl.threadpool_limits(1):  # threaded OpenBLAS runs 10x slower on busy cores
-        return np.linalg.eigh(np.eye(graph.num_nodes) - a_hat)
-
-
-def without_stationary(graph: Graph, x):
-    """x minus its projection on D^(1/2) 1, the null vector of I - A_hat."""
-    s = jnp.sqrt(graph.degrees)
-    s = s / jnp.linalg.norm(s)
-    return x - jnp.outer(s, s @ x)
 
 
 def stochastic_block_model(cfg: Config):
@@ -172,35 +107,6 @@ def stochastic_block_model(cfg: Config):
 # Energies
 
 
-def diffusion_field(graph: Graph):
-    """dX/dt = (A_hat - I) X: an Euler step of size h is the residual layer X + h (A_hat - I) X."""
-    return lambda t, x, args: propagate(graph, x) - x
-
-
-def initial_residual_field(graph: Graph, step: float, alpha: float):
-    """dX/dt = (A_hat - I) X + (alpha / h)(X_0 - X), with X_0 = args: an Euler step of size h is
-    X + h (A_hat - I) X + alpha (X_0 - X)."""
-    return lambda t, x, x0: propagate(graph, x) - x + (alpha / step) * (x0 - x)
-
-
-def euler_states(field, x0, depth: int, step: float, args=None):
-    """X_0 .. X_depth of `depth` Euler steps of size `step` through `neuralode.odeint`."""
-    ts = step * jnp.arange(depth + 1, dtype=F64)
-    return neuralode.odeint(field, x0, ts, args, solver=neuralode.Euler(), max_steps=depth)
-
-
-def glorot_kernels(key, depth: int, width: int):
-    return jax.random.normal(key, (depth, width, width), F64) * np.sqrt(2 / (2 * width))
-
-
-def plain_gcn_states(graph: Graph, x0, kernels):
-    def layer(x, kernel):
-        x = jax.nn.relu(propagate(graph, x) @ kernel)
-        return x, x
-
-    return jnp.concatenate([x0[None], jax.lax.scan(layer, x0, kernels)[1]])
-
-
 @jax.jit
 def propagation_energies(graph: Graph, x0, kernels, step: float, alpha: float) -> dict:
     """E(X_L) for L = 0..len(kernels) of every propagation, and the plain GCN's Rayleigh quotients."""
@@ -216,7 +122,7 @@ def propagation_energies(graph: Graph, x0, kernels, step: float, alpha: float) -
     return energies, quotients
 
 
-def energy_curves(graph: Graph, x0, cfg: Config, key) -> dict:
+def energy_curves(graph: Graph, x0, cfg: Config, seed) -> dict:
     """E(X_L)/E(X_0) for L = 0..max_depth of every propagation, beside the closed forms."""
     mu, vectors = spectrum(graph)
     x0 = without_stationary(graph, jnp.asarray(x0, F64))
@@ -228,7 +134,7 @@ def energy_curves(graph: Graph, x0, cfg: Config, key) -> dict:
     closed = {"plain": np.sum(weight * (1 - mu) ** (2 * depths), axis=1),
               "residual_diffusion": np.sum(weight * (1 - h * mu) ** (2 * depths), axis=1),
               "initial_residual": np.sum(weight * gain_ir**2, axis=1)}
-    kernels = glorot_kernels(key, cfg.max_depth, x0.shape[1])
+    kernels = glorot_kernels(seed, cfg.max_depth, x0.shape[1])
     energies, quotients = propagation_energies(graph, x0, kernels, h, alpha)
     e0 = float(energies["plain"][0])
     out = {"mu_2": float(mu[1]), "mu_max": float(mu[-1]), "depths": depths[:, 0], "energy_0": e0}
@@ -251,89 +157,6 @@ def energy_curves(graph: Graph, x0, cfg: Config, key) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Node classification
-
-
-def diffusion_propagation(kind: str, depth: int, graph: Graph, x, cfg: Config):
-    """The weight-free propagation of the diffusion classifiers, X_0 .. X_depth: Euler steps
-    (h = cfg.step) of the heat equation, with the source term for the initial residual."""
-    if kind == "residual_diffusion":
-        return euler_states(diffusion_field(graph), x, depth, cfg.step)
-    if kind == "initial_residual":
-        return euler_states(initial_residual_field(graph, cfg.step, cfg.alpha), x, depth, cfg.step, x)
-    raise ValueError(f"kind must be residual_diffusion or initial_residual, got {kind!r}")
-
-
-def with_ones(x):
-    """[x, 1]: the column of ones carries the encoder's bias through the propagation."""
-    return jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
-
-
-class GraphNet(nnx.Module):
-    """Linear encoder, `depth` propagation layers, linear read-out.
-
-    plain_gcn: x <- relu(A_hat x W_l), called on the node features. residual_diffusion and
-    initial_residual: Euler steps of the heat equation (with the source (alpha/h)(x_0 - x)), which
-    have no weights and are linear, so they commute with the linear encoder: P(with_ones(X) W) =
-    P(with_ones(X)) W. The network is called on P(with_ones(X)), computed once by
-    `diffusion_propagation` (`tests/test_graphs.py` checks the two orders agree).
-    """
-
-    def __init__(self, kind: str, depth: int, in_features: int, width: int, classes: int, *,
-                 rngs: nnx.Rngs):
-        if kind not in MODELS:
-            raise ValueError(f"kind must be one of {MODELS}, got {kind!r}")
-        self.kind = kind  # not the depth: the diffusion models share one compiled training loop
-        plain = kind == "plain_gcn"
-        self.encoder = nnx.Linear(in_features + (not plain), width, use_bias=plain, param_dtype=F64,
-                                  rngs=rngs)
-        self.decoder = nnx.Linear(width, classes, param_dtype=F64, rngs=rngs)
-        if plain:
-            self.kernels = nnx.Param(glorot_kernels(rngs.params(), depth, width))
-
-    def hidden(self, graph: Graph, x):
-        if self.kind == "plain_gcn":
-            return plain_gcn_states(graph, self.encoder(x), self.kernels[...])[-1]
-        return self.encoder(x)
-
-    def __call__(self, graph: Graph, x):
-        return self.decoder(self.hidden(graph, x))
-
-
-def _kernel_gradient_norms(grads):
-    """||dLoss/dW_l|| for every layer of a plain GCN (no layers: an empty array)."""
-    if "kernels" not in grads:
-        return jnp.zeros(0)
-    kernels = grads["kernels"][...]
-    return jnp.linalg.norm(kernels.reshape(kernels.shape[0], -1), axis=1)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "learning_rate", "weight_decay"))
-def fit(graphdef, params, rest, graph: Graph, inputs, labels, train_mask, *, steps: int,
-        learning_rate: float, weight_decay: float):
-    """`steps` full-batch AdamW steps on the mean cross-entropy of the labelled nodes; returns the
-    trained parameters, the loss and the per-layer gradient norms of every step."""
-    tx = optax.adamw(learning_rate, weight_decay=weight_decay)
-
-    def loss(params):
-        logits = nnx.merge(graphdef, params, rest)(graph, inputs)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return jnp.sum(jnp.where(train_mask, losses, 0.0)) / jnp.sum(train_mask)
-
-    def update(carry, _):
-        params, opt_state = carry
-        value, grads = jax.value_and_grad(loss)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), (value, _kernel_gradient_norms(grads))
-
-    def evaluate(params):
-        net = nnx.merge(graphdef, params, rest)
-        hidden = net.hidden(graph, inputs)
-        return jnp.argmax(net.decoder(hidden), axis=1) == labels, rayleigh_quotient(graph, hidden)
-
-    (trained, _), (losses, gradient_norms) = jax.lax.scan(update, (params, tx.init(params)), None, steps)
-    correct, quotient = evaluate(trained)
-    return {"correct": correct, "losses": losses, "gradient_norms": gradient_norms,
-            "hidden_rayleigh_quotient": quotient, "initial_hidden_rayleigh_quotient": evaluate(params)[1]}
 
 
 def train_classifier(kind: str, depth: int, graph: Graph, inputs, encoder_inputs, labels,
@@ -368,7 +191,8 @@ def classification(cfg: Config, graph: Graph, features, blocks) -> list[dict]:
     for b in range(cfg.sbm_blocks):
         train_mask[rng.choice(np.flatnonzero(blocks == b), cfg.labels_per_class, replace=False)] = True
     x, labels, train_mask = jnp.asarray(features, F64), jnp.asarray(blocks), jnp.asarray(train_mask)
-    propagated = {kind: diffusion_propagation(kind, max(cfg.train_depths), graph, with_ones(x), cfg)
+    propagated = {kind: diffusion_propagation(kind, max(cfg.train_depths), graph, with_ones(x), cfg.step,
+                                         cfg.alpha)
                   for kind in MODELS[1:]}
     rows = []
     for kind, depth, seed in tqdm([(kind, depth, seed) for kind in MODELS for depth in cfg.train_depths
@@ -459,11 +283,10 @@ def plot_classification(cfg: Config, table: dict, rows: list[dict]) -> None:
 
 def run(cfg: Config) -> dict:
     jax.config.update("jax_enable_x64", True)
-    key = jax.random.key(cfg.seed)
     edges, blocks, features = stochastic_block_model(cfg)
     graphs = {"karate": (make_graph(KARATE_NODES, KARATE_EDGES), np.eye(KARATE_NODES)),
               "sbm": (make_graph(cfg.sbm_nodes, edges), features)}
-    curves = {name: energy_curves(graph, x0, cfg, jax.random.fold_in(key, i))
+    curves = {name: energy_curves(graph, x0, cfg, [cfg.seed, i])
               for i, (name, (graph, x0)) in enumerate(tqdm(graphs.items(), desc="energy curves"))}
     rows = classification(cfg, graphs["sbm"][0], features, blocks)
     table = summarise(rows, cfg)
