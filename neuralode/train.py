@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from neuralode import rundir
 from neuralode.checkpoints import ARRAYS_KEY, CheckpointStore, layout_differences
 from neuralode.data import Dataset, batches, num_batches, random_shift, validate_dataset
+from neuralode.parallel.data import data_parallel_eval_step, data_parallel_train_step
 from neuralode.rundir import read_metrics
 from neuralode.train_step import (LossFn, classification_loss, classification_metrics, make_eval_step,
                                   make_train_state, make_train_step, param_dtype)
@@ -213,6 +214,7 @@ def train(
     resume: bool = False,
     loss_fn: LossFn = classification_loss,
     model_config: dict[str, Any] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, Any]:
     """Train `model` in place on `dataset`; return the last epoch's record of the metrics file.
 
@@ -225,18 +227,26 @@ def train(
     trains in a `workdir` (`neuralode.rundir.lock`). `model_config` (JSON-able) records the
     settings outside `config` that change the numbers (the model's, the loss's): it is saved with
     every checkpoint, and resuming with different ones (or a different `config`, data set or array
-    shapes) is refused before anything is restored, naming what changed.
+    shapes) is refused before anything is restored, naming what changed. With a `mesh` of this
+    process's devices (`neuralode.parallel.data_mesh(8)`) training is data parallel
+    (`neuralode.parallel.data`: each batch sharded over the mesh axis "data", the state replicated,
+    every device its own adaptive solve); checkpoints are the same, so a run resumes on any mesh.
     """
     _check_arguments(model, dataset, config, loss_fn)
     workdir = os.path.abspath(os.fspath(workdir))
     dtype = param_dtype(model)
     steps_per_epoch = num_batches(len(dataset.x_train), config.batch_size)
     total_steps = config.epochs * steps_per_epoch
+    if mesh is not None and jax.process_count() > 1:
+        raise ValueError("mesh: train() runs in one process; with several processes, step "
+                         "neuralode.parallel.data_parallel_train_step in a loop of your own")
     model.eval()
-    eval_step = make_eval_step(nnx.graphdef(model), loss_fn)
+    eval_step = (make_eval_step(nnx.graphdef(model), loss_fn) if mesh is None
+                 else data_parallel_eval_step(nnx.graphdef(model), loss_fn, mesh))
     model.train()
     graphdef, state = make_train_state(model, make_optimizer(config, total_steps))
-    train_step = make_train_step(graphdef, loss_fn)
+    train_step = (make_train_step(graphdef, loss_fn) if mesh is None
+                  else data_parallel_train_step(graphdef, loss_fn, mesh))
     identity = {"config": dataclasses.asdict(config), "dataset": _describe(dataset),
                 "model_config": json.loads(json.dumps(model_config or {}))}  # tuples as the JSON lists
 

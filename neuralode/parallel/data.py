@@ -1,0 +1,221 @@
+"""Data parallelism: the batch sharded over the mesh axis `data`, every device its own solve.
+
+A train step on a mesh of N devices is two programs, both JAX's own SPMD machinery:
+
+1. `jax.shard_map` over `data`: each device takes its B/N examples, the replicated model and
+   computes the loss, the metrics and the gradient of its own part, with no communication at all.
+   An adaptive ODE block therefore runs its own step-size control on each device: no all-reduce
+   of the error norm per adaptive step (diffrax issue 407), and its NFE is per device.
+2. `jax.jit` of the update: the mean of the N gradients (an all-reduce XLA inserts), then the
+   optimiser, with parameters and optimiser state replicated.
+
+Why two programs and not one: equinox's value checks (`eqx.error_if`: non-finite inputs, diffrax's
+max_steps) raise from a host callback. When one fires on one device inside a program with a
+collective, the other devices wait at that collective until XLA aborts the process (measured with
+jax 0.10.2 on host devices: "Termination timeout for all reduce ... Expected 4 threads, only 3
+arrived", SIGABRT after 40 s), under `shard_map` as under a plainly batch-sharded `jit` (which
+also moves the callback's operands to device 0, diffrax issues 247 and 403). Program 1 has no
+collective, and the host waits for it before it dispatches program 2, so such an error is an
+ordinary Python exception (`jax.errors.JaxRuntimeError` carrying equinox's message).
+
+What the numbers are. With equal shards, the mean of the per-device gradients of per-device mean
+losses is the gradient of the batch mean, so a fixed-step model (ResNet, RK-Net) takes the
+one-device step to rounding. An adaptive model takes the step of one device with the batch cut
+into N micro-batches, each solved on its own (gradient accumulation), which differs from the
+full-batch solve by the solver's tolerance. Random streams (`nnx.Rngs`: RNODE's Hutchinson noise,
+dropout) are folded with the device index on meshes of more than one device (device d draws from
+`fold_in(key, d)`), so the devices draw independent noise; their counters advance as on one device.
+Floating-point variables other than parameters that the forward pass changes (BatchNorm averages)
+become the mean over devices. Metrics are the means over devices; each metric whose name starts
+with `nfe` also gets `<name>_device_max`, the count of the slowest device, which sets the step time.
+
+A batch whose size the device count does not divide (the last, smaller batch of an epoch) is
+computed whole on every device, without folding: the one-device step, at N times its work.
+
+Multi-process (`neuralode.parallel.distributed.initialize` first): every process passes the same
+global batch, and `shard_batch` hands the devices of each process only that process's rows
+(`jax.make_array_from_process_local_data`).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as Spec
+
+DATA = "data"
+
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def data_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
+    """A one-axis mesh named `data`: over `devices` (a list), or the first `devices` of
+    `jax.devices()` taking the same number from every process (an int), or all of them (None)."""
+    available = jax.devices()
+    if devices is None or isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        count = len(available) if devices is None else int(devices)
+        processes = jax.process_count()
+        if not 1 <= count <= len(available) or count % processes:
+            raise ValueError(f"devices: expected a multiple of the process count {processes} in "
+                             f"[1, {len(available)}] (the devices JAX sees) or None, got {devices!r}")
+        per_process = count // processes
+        chosen = [d for p in range(processes)
+                  for d in [d for d in available if d.process_index == p][:per_process]]
+    elif isinstance(devices, Sequence) and devices and all(isinstance(d, jax.Device) for d in devices):
+        chosen = list(devices)
+    else:
+        raise TypeError(f"devices: expected an int, a non-empty sequence of jax.Device or None, "
+                        f"got {devices!r}")
+    return Mesh(np.array(chosen), (DATA,), axis_types=(AxisType.Auto,))
+
+
+def data_size(mesh: Mesh) -> int:
+    """The number of devices along the mesh axis `data` (after checking that there is one)."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if DATA not in mesh.axis_names:
+        raise ValueError(f"mesh: expected an axis named {DATA!r} to shard the batch over, found axes "
+                         f"{mesh.axis_names} (build one with neuralode.parallel.data_mesh)")
+    return int(mesh.shape[DATA])
+
+
+def replicate(mesh: Mesh, tree: Any) -> Any:
+    """Every leaf of `tree` (arrays, identical in every process) replicated on all devices of `mesh`."""
+    data_size(mesh)
+    return jax.device_put(tree, NamedSharding(mesh, Spec()))
+
+
+def shard_batch(mesh: Mesh, *arrays: Any) -> tuple[jax.Array, ...]:
+    """The global batch `arrays` (the same host arrays in every process, one leading batch axis)
+    sharded over the mesh axis `data`: each device holds B/N consecutive examples, and each process
+    transfers only the rows of its own devices."""
+    size = data_size(mesh)
+    lengths = {np.shape(a)[0] if np.ndim(a) else None for a in arrays}
+    if not arrays or len(lengths) != 1 or None in lengths:
+        raise ValueError(f"batch: expected arrays with one common leading batch axis, got shapes "
+                         f"{[np.shape(a) for a in arrays]}")
+    (length,) = lengths
+    if length % size:
+        raise ValueError(f"batch: {length} examples do not divide among the {size} devices of mesh "
+                         f"axis {DATA!r}; use a batch size that is a multiple of {size}")
+    return tuple(_put(mesh, Spec(DATA), np.asarray(a)) for a in arrays)
+
+
+def _put(mesh: Mesh, spec: Spec, array: np.ndarray) -> jax.Array:
+    """`array` (global, the same in every process) placed by `spec`, from this process's part."""
+    sharding = NamedSharding(mesh, spec)
+    rows = [index[0] for index in sharding.addressable_devices_indices_map(array.shape).values()]
+    start = min(r.start or 0 for r in rows)
+    stop = max(array.shape[0] if r.stop is None else r.stop for r in rows)
+    return jax.make_array_from_process_local_data(sharding, array[start:stop], array.shape)
+
+
+def _local(graphdef: nnx.GraphDef, loss_fn: LossFn, fold: bool, gradients: bool) -> Callable:
+    """One device's part of a step, for `shard_map`: (gradients, changed variables,) metrics, each
+    leaf with a leading axis of 1 (the device's slice of the stacked result)."""
+
+    def local(state, *batch):
+        model = nnx.merge(graphdef, state)
+        if isinstance(model, dict):  # make_train_state's {"model": ..., "optimizer": ...}
+            model = model["model"]
+        if fold:  # independent random streams per device
+            keys = nnx.state(model, nnx.RngKey)
+            device = jax.lax.axis_index(DATA)
+            nnx.update(model, jax.tree.map(lambda key: jax.random.fold_in(key, device), keys))
+        if gradients:
+            (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, *batch)
+            changed = nnx.state(model, nnx.Not(nnx.Any(nnx.Param, nnx.RngKey)))
+            outputs = (grads, changed, metrics)
+        else:
+            outputs = loss_fn(model, *batch)[1]
+        return jax.tree.map(lambda leaf: jnp.asarray(leaf)[None], outputs)
+
+    return local
+
+
+def _device_means(metrics: dict[str, jax.Array], size: int) -> dict[str, jax.Array]:
+    """Metrics stacked over `size` devices (leading axis) as their means, plus `<nfe...>_device_max`."""
+    means = {name: jnp.mean(value, axis=0) for name, value in metrics.items()}
+    if size > 1:
+        means.update({f"{name}_device_max": jnp.max(value, axis=0)
+                      for name, value in metrics.items() if name.startswith("nfe")})
+    return means
+
+
+def _reduce_changed(value: jax.Array) -> jax.Array:
+    """A non-parameter variable the forward pass changed, from its N per-device values: the mean
+    for floating point (BatchNorm averages), device 0's otherwise (counters, equal everywhere)."""
+    return jnp.mean(value, axis=0) if jnp.issubdtype(value.dtype, jnp.inexact) else value[0]
+
+
+class _Sharded:
+    """The per-device program over `mesh`, compiled once for sharded and once for replicated
+    batches, and the host-side choice between them."""
+
+    def __init__(self, mesh: Mesh, graphdef: nnx.GraphDef, loss_fn: LossFn, gradients: bool):
+        self.mesh, self.size = mesh, data_size(mesh)
+        self.graphdef, self.loss_fn, self.gradients = graphdef, loss_fn, gradients
+        self.replicated = NamedSharding(mesh, Spec())
+
+    @functools.cache
+    def program(self, sharded: bool, arity: int) -> Callable:
+        batch_spec = Spec(DATA) if sharded else Spec()
+        local = _local(self.graphdef, self.loss_fn, sharded and self.size > 1, self.gradients)
+        return jax.jit(jax.shard_map(local, mesh=self.mesh, in_specs=(Spec(),) + (batch_spec,) * arity,
+                                     out_specs=Spec(DATA), check_vma=False))
+
+    def __call__(self, state, batch: tuple) -> Any:
+        if not batch:
+            raise ValueError("batch: expected at least one array")
+        length = np.shape(batch[0])[0]
+        sharded = length % self.size == 0
+        batch = (shard_batch(self.mesh, *batch) if sharded
+                 else tuple(_put(self.mesh, Spec(), np.asarray(a)) for a in batch))
+        if any(getattr(leaf, "sharding", None) != self.replicated for leaf in jax.tree.leaves(state)):
+            state = jax.device_put(state, self.replicated)
+        try:  # wait for it before any collective: a device whose value check fired raises here
+            return state, jax.block_until_ready(self.program(sharded, len(batch))(state, *batch))
+        except jax.errors.JaxRuntimeError as error:
+            error.add_note(f"(raised on a device's part of the batch of a data-parallel step over "
+                           f"{self.size} devices: a value check of the model failed there)")
+            raise
+
+
+def data_parallel_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh) -> Callable:
+    """The data-parallel `step(state, *batch) -> (state, metrics)` of `make_train_state`'s
+    `(graphdef, state)` (`neuralode.train_step`): the same optimiser step as `make_train_step`,
+    with `state` replicated on `mesh` (`replicate`) and the global batch (host arrays, the same in
+    every process) sharded over its axis `data`. Metrics are device means, plus
+    `<nfe...>_device_max`; see the module docstring for what the numbers are."""
+    per_device = _Sharded(mesh, graphdef, loss_fn, gradients=True)
+
+    @functools.partial(jax.jit, out_shardings=per_device.replicated)
+    def update(state, grads, changed, metrics):
+        parts = nnx.merge(graphdef, state)
+        model, optimizer = parts["model"], parts["optimizer"]
+        nnx.update(model, jax.tree.map(_reduce_changed, changed))
+        grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)  # the all-reduce
+        with jax.numpy_dtype_promotion("standard"):  # optax computes `decay ** count` (float ** int32)
+            optimizer.update(model, grads)
+        return nnx.state(parts), _device_means(metrics, per_device.size)
+
+    def step(state: nnx.State, *batch: Any) -> tuple[nnx.State, dict[str, jax.Array]]:
+        state, outputs = per_device(state, batch)
+        return update(state, *outputs)
+
+    return step
+
+
+def data_parallel_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh) -> Callable:
+    """The data-parallel `evaluate(model_state, *batch) -> metrics` (device means, plus
+    `<nfe...>_device_max`) of `loss_fn` for a model's graph definition, as `make_eval_step`."""
+    per_device = _Sharded(mesh, graphdef, loss_fn, gradients=False)
+    reduce = jax.jit(functools.partial(_device_means, size=per_device.size),
+                     out_shardings=per_device.replicated)
+    return lambda model_state, *batch: reduce(per_device(model_state, batch)[1])
