@@ -234,8 +234,7 @@ def plot_energies(cfg: Config, curves: dict) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
     labels = {"plain": "plain  X <- A_hat X", "residual_diffusion": f"residual  X + h(A_hat - I)X, h = {cfg.step}",
               "initial_residual": f"initial residual, h = {cfg.step}, alpha = {cfg.alpha}",
-              "plain_gcn": "plain GCN  relu(A_hat X W_l), Glorot W_l: Rayleigh quotient E/||X||^2 "
-                           "relative to L = 0 (its norm also shrinks)"}
+              "plain_gcn": "plain GCN  relu(A_hat X W_l), Glorot W_l: E/||X||^2 relative to L = 0"}
     for ax, (name, c) in zip(axes, curves.items()):
         depths = c["depths"]
         for key, marker in [("plain", "o"), ("residual_diffusion", "s"), ("initial_residual", "^")]:
@@ -250,7 +249,8 @@ def plot_energies(cfg: Config, curves: dict) -> None:
         ax.set(xlabel="depth L (propagation steps)", ylabel="Dirichlet energy E(X_L) / E(X_0)",
                title=f"{name}: mu_2 = {c['mu_2']:.3f}", ylim=(max(1e-40, ax.get_ylim()[0]), 3))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower left")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8)
     fig.suptitle("Over-smoothing: Dirichlet energy of the node features vs depth (karate: one-hot "
                  "features; SBM: block mean + noise)")
     save_figure(cfg, fig, "graphs_energy")
@@ -274,7 +274,8 @@ def plot_classification(cfg: Config, table: dict, rows: list[dict]) -> None:
         norms = row["initial_gradient_norm_per_layer"]
         axes[1].semilogy(np.arange(1, depth + 1), norms, ".-", label=f"L = {depth}")
     axes[1].set(xlabel="layer l", ylabel="||dLoss/dW_l|| at initialisation",
-                title="plain GCN: gradient norm per layer at initialisation")
+                title="plain GCN: gradient norm per layer at initialisation\n(even across layers; tiny "
+                      "where the output has collapsed)")
     axes[1].legend()
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -321,8 +322,9 @@ def run(cfg: Config) -> dict:
     failed = lambda group: "refuted: " + ", ".join(k for k, v in group.items() if not v)  # noqa: E731
     why = " and ".join(k.replace("_", " ") for k, v in cause.items() if v) or "neither test"
     shallow = min(cfg.train_depths)
-    falls = {kind: next((d for d in cfg.train_depths if acc[kind][d] < acc[kind][shallow] - 0.1), None)
-             for kind in MODELS}
+    chance = 1 / cfg.sbm_blocks  # a model falls where it has lost half its margin over chance
+    falls = {kind: next((d for d in cfg.train_depths if acc[kind][d] < (acc[kind][shallow] + chance) / 2),
+                        None) for kind in MODELS}
     percent = lambda kind: ", ".join(f"{100 * acc[kind][d]:.1f}" for d in cfg.train_depths)
     claims = [
         {"id": "C4", "claim": "residual connections stop over-smoothing in deep graph networks: plain "
@@ -349,14 +351,14 @@ def run(cfg: Config) -> dict:
          "measured": f"test accuracy (%) at L = {', '.join(map(str, cfg.train_depths))}: plain GCN "
                      f"{percent('plain_gcn')}; residual diffusion {percent('residual_diffusion')}; "
                      f"initial residual {percent('initial_residual')} (mean of {cfg.train_seeds} "
-                     f"initialisations); plain GCN at L = {deepest}: train accuracy "
+                     f"initialisation{'s' if cfg.train_seeds > 1 else ''}); plain GCN at L = {deepest}: train accuracy "
                      f"{100 * plain_deep['train_accuracy']:.0f} %, layer-1/layer-{deepest} gradient norm "
                      f"{plain_deep['first_over_last_gradient']:.2f} at initialisation, Rayleigh quotient "
                      f"of the last hidden layer after training {plain_deep['hidden_rayleigh_quotient']:.1e} "
                      f"vs {plain_deep['input_rayleigh_quotient']:.2f} at its input",
          "verdict": (f"confirmed: the initial-residual GNN at L = {deepest} stays within 2 points of "
-                     f"L = {shallow} and beats the plain GCN, which falls (more than 10 points below "
-                     f"L = {shallow}) at L = {falls['plain_gcn']} by {why}; the residual-diffusion GNN "
+                     f"L = {shallow} and beats the plain GCN, which falls (loses half its margin over "
+                     f"chance) at L = {falls['plain_gcn']}, by {why}; the residual-diffusion GNN "
                      f"falls too, at L = {falls['residual_diffusion']}")
          if all(gnn_checks.values()) else failed(gnn_checks)},
     ]

@@ -15,8 +15,8 @@ LSTM         c_t = f_t c_{t-1} + i_t g_t, h_t = o_t tanh(c_t), gates from W_h h_
              rounding); the full gradient adds the paths through h. With o = 0 (gate shut)
              h_T = 0 whatever the cells hold: dL/dc_t = 0 exactly for every t.
 Antisymmetric RNN (Chang et al. 2019)  h <- h + eps tanh((W - W^T - gamma I) h + V x_t): forward Euler
-             with step eps of dh/dt = tanh(A h + V x(t)), solved by `neuralode.odeint`. A - A^T has
-             imaginary eigenvalues i omega, so a step's linear gain is
+             with step eps of dh/dt = tanh(A h + V x(t)), A = W - W^T - gamma I, solved by
+             `neuralode.odeint`. W - W^T has imaginary eigenvalues i omega, so a step's linear gain is
              |1 + eps(i omega - gamma)| = sqrt((1 - eps gamma)^2 + eps^2 omega^2): close to 1 over
              1,000 steps, but Euler amplifies the fast modes, which shows at 50,000 steps.
 """
@@ -39,7 +39,7 @@ F64 = jnp.float64
 @dataclasses.dataclass
 class Config:
     out: str = flag("results", "directory of sequences.json and the figures")
-    quick: bool = flag(False, "the QUICK settings (explicit flags still win)")
+    quick: bool = flag(False, "accepted for uniformity: the full settings already run in seconds")
     seed: int = flag(0, "seed of the weights, inputs and the loss direction u")
     hidden: int = flag(32, "state size n of every cell")
     inputs: int = flag(8, "input size d_in")
@@ -305,7 +305,8 @@ def plot(cfg: Config, results: dict) -> None:
         ax.set_xlabel("distance T - t (steps before the loss)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle("Gradient of L = <u, h_T> reaching earlier states (curves stop where float64 underflows)")
+    fig.suptitle("Gradient of L = <u, h_T> reaching earlier states (curves stop where float64 underflows)",
+                 y=1.03)
     save_figure(cfg, fig, "sequences_gradients")
 
 
