@@ -7,7 +7,7 @@ tells a vector field returning nan/inf apart from a solve that merely ran out of
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import diffrax
 import jax
@@ -24,6 +24,25 @@ class RESULTS(diffrax.RESULTS):
                        "stopped at max_steps with most of its rejected steps non-finite, so f is "
                        "not finite near the solution, or the solution blows up. Check f (and its "
                        "parameters) for nan/inf")
+
+
+class AdaptiveOptions(NamedTuple):
+    """What a diffrax-stepped solve needs besides the problem: the solver (ours or diffrax's), the
+    step-size controller (None: built from rtol, atol and `controlled`), and diffrax's options."""
+
+    solver: object
+    controller: object
+    controlled: Callable | None
+    max_steps: int
+    substeps: int = 1
+    dense: bool = False
+    event: object = None
+
+    def forward_controller(self, ts, rtol, atol):
+        if self.controller is not None:
+            return self.controller
+        return default_controller(self.solver, ts, self.substeps, rtol, atol,
+                                           self.controlled)
 
 
 def diffrax_solver(solver) -> diffrax.AbstractSolver:
@@ -71,13 +90,18 @@ class CountingController(diffrax.AbstractAdaptiveStepSizeController):
     """
 
     controller: diffrax.AbstractAdaptiveStepSizeController
-    rtol: object
-    atol: object
-    norm: Callable
 
-    def __init__(self, controller):
-        self.controller = controller
-        self.rtol, self.atol, self.norm = controller.rtol, controller.atol, controller.norm
+    @property
+    def rtol(self):
+        return self.controller.rtol
+
+    @property
+    def atol(self):
+        return self.controller.atol
+
+    @property
+    def norm(self):
+        return self.controller.norm
 
     def wrap(self, direction):
         return CountingController(self.controller.wrap(direction))

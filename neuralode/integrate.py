@@ -23,9 +23,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from neuralode import adaptive, validation
-from neuralode.adaptive import RESULTS
-from neuralode.adjoints import (AbstractAdjoint, AdaptiveOptions, DiscreteAdjoint, _AdaptiveStepper,
-                                _FixedStepper, reconstruction_error)
+from neuralode.adaptive import RESULTS, AdaptiveOptions
+from neuralode.adjoints import AbstractAdjoint, DiscreteAdjoint
+from neuralode.backsolve import AdaptiveStepper, FixedStepper, reconstruction_error
 from neuralode.fields import DepthStack
 from neuralode.solvers import AbstractSolver, Dopri5
 from neuralode.stepping import Dynamics, hermite_interpolation
@@ -40,7 +40,7 @@ class Solution(NamedTuple):
     evaluations of the forward solve, counted as they happen; -1 for a diffrax solver that is not
     an explicit Runge-Kutta method) and `nfe_backward` (evaluations or vector-Jacobian products of
     the backward pass of a fixed-step solve; -1 where diffrax decides it adaptively), each a jax
-    int32 scalar on every path. `result` is the status (`neuralode.adaptive.RESULTS`:
+    int32 scalar on every path (a fixed-step solve's are concrete even while traced). `result` is the status (`neuralode.adaptive.RESULTS`:
     successful, max_steps_reached, nonfinite_field, event_occurred, ...), only seen other than
     successful with `throw=False`. `interpolation` (with `dense=True`) gives `evaluate(t)`;
     `event_mask` is diffrax's, with an `event`.
@@ -169,9 +169,9 @@ def solve(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolver
     intervals = ts.shape[0] - 1
     steps = intervals * int(substeps)
     if stacked is not None:
-        if not validation.fixed_steps(solver, stepsize_controller):
+        if adaptive.is_diffrax_stepped(solver):
             raise ValueError("f is a DepthStack (one field per step), which needs a fixed-step "
-                             f"solver; got solver={solver!r}")
+                             f"solver such as Euler() or RK4(); got solver={solver!r}")
         if f.depth != steps:
             raise ValueError(f"f is a DepthStack of depth {f.depth}, but the solve takes "
                              f"(len(ts) - 1) * substeps = {intervals} * {substeps} = {steps} steps")
@@ -190,7 +190,8 @@ def _solve(options: _Options, y0, ts, args, tied, stacked, rtol, atol) -> Soluti
     ts = validation.attach_value_checks(ts, y0, rtol, atol)
     validation.check_field_output(options.func, ts, y0, args, tied, stacked)
     if options.check_finite:
-        y0, args, tied, stacked = _check_cotangents((y0, args, tied, stacked))
+        inexact, rest = eqx.partition((y0, args, tied, stacked), eqx.is_inexact_array)
+        y0, args, tied, stacked = eqx.combine(_check_cotangents(inexact), rest)
     dynamics = Dynamics(options.func, tied, stacked)
     solver, adjoint = options.solver, options.adjoint
     interpolation = event_mask = None
@@ -202,17 +203,18 @@ def _solve(options: _Options, y0, ts, args, tied, stacked, rtol, atol) -> Soluti
             dynamics, y0, ts, args, (rtol, atol), adaptive_options)
         stats = dict(stats, nfe_backward=jnp.asarray(-1, jnp.int32))
     else:
-        out = adjoint.integrate(dynamics, solver, y0, ts, args, options.substeps,
-                                every_step=options.dense)
-        ys = out
         if options.dense:
-            ys, grid = out
+            ys, grid = adjoint.integrate(dynamics, solver, y0, ts, args, options.substeps,
+                                         every_step=True)
             interpolation = hermite_interpolation(dynamics, ts, grid, args, options.substeps)
+        else:
+            ys = adjoint.integrate(dynamics, solver, y0, ts, args, options.substeps)
         steps = (ts.shape[0] - 1) * options.substeps
         nfe = solver.evaluations(steps, depth_varying=stacked is not None)
         stats = {"num_steps": steps, "num_accepted_steps": steps, "num_rejected_steps": 0,
                  "nfe": nfe, "nfe_backward": adjoint.backward_evaluations(nfe)}
-        stats = {k: jnp.asarray(v, jnp.int32) for k, v in stats.items()}
+        with jax.ensure_compile_time_eval():  # known when traced: concrete even under jit
+            stats = {k: jnp.asarray(v, jnp.int32) for k, v in stats.items()}
         result = RESULTS.successful
     # diffrax computes in the dtype of the times where it is wider; the states keep y0's dtypes.
     ys = jax.tree.map(lambda y, y0: y.astype(y0.dtype), ys, y0)
@@ -231,7 +233,8 @@ _solve_compiled = eqx.filter_jit(_solve)
 
 @jax.custom_vjp
 def _check_cotangents(tree):
-    """The identity, whose backward pass raises if a cotangent is not finite."""
+    """The identity on a pytree of floating arrays, whose backward pass raises if a cotangent is
+    not finite."""
     return tree
 
 
@@ -240,12 +243,9 @@ def _check_cotangents_fwd(tree):
 
 
 def _check_cotangents_bwd(_, cotangents):
-    leaves = [c for c in jax.tree.leaves(cotangents) if jnp.issubdtype(c.dtype, jnp.inexact)]
-    if leaves:
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(c)) for c in leaves]))
-        cotangents = eqx.error_if(cotangents, ~finite, "check_finite: the gradient with respect "
-                                  "to y0, args or the field's parameters is not finite (nan or inf)")
-    return (cotangents,)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(c)) for c in jax.tree.leaves(cotangents)]))
+    return (eqx.error_if(cotangents, ~finite, "check_finite: the gradient with respect to y0, args "
+                         "or the field's parameters is not finite (nan or inf)"),)
 
 
 _check_cotangents.defvjp(_check_cotangents_fwd, _check_cotangents_bwd)
@@ -265,9 +265,9 @@ def backsolve_reconstruction_error(f: Callable | nnx.Module, y0, ts, args=None, 
                 max_steps=max_steps)
     func, tied, stacked = _split(f)
     if adaptive.is_diffrax_stepped(solver):
-        stepper = _AdaptiveStepper(AdaptiveOptions(solver, None, None, max_steps))
+        stepper = AdaptiveStepper(AdaptiveOptions(solver, None, None, max_steps))
     else:
-        stepper = _FixedStepper(solver, int(substeps))
+        stepper = FixedStepper(solver, int(substeps))
     return reconstruction_error(Dynamics(func, tied, stacked), stepper, sol.ys, sol.ts, args,
                                 (rtol, atol))
 

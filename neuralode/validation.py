@@ -62,7 +62,12 @@ def check_options(solver, adjoint, *, substeps, max_steps, rtol, atol, throw, co
         if not isinstance(stepsize_controller, diffrax.AbstractStepSizeController):
             raise TypeError(f"stepsize_controller must be a diffrax step-size controller, got "
                             f"{stepsize_controller!r}")
-        if (rtol, atol) != defaults:
+        if isinstance(stepsize_controller, diffrax.ConstantStepSize):
+            raise ValueError("stepsize_controller=ConstantStepSize() needs a dt0, which solve does "
+                             "not take: without a stepsize_controller, a diffrax solver without "
+                             "an error estimate takes substeps equal steps per interval of ts")
+        if any(not isinstance(value, (int, float)) or value != default
+               for value, default in zip((rtol, atol), defaults)):
             raise ValueError("rtol and atol set the default PIDController; with "
                              "stepsize_controller=... give the tolerances to it instead")
     if controlled is not None:

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
-import pytest
 import scipy.integrate
 from flax import nnx
 
