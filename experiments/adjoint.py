@@ -1,10 +1,17 @@
-"""Adjoints measured: memory, time and accuracy of the three ways `odeint` obtains a gradient (issue 3).
+"""Adjoints measured: memory, time and accuracy of the three ways `odeint` obtains a gradient.
 
 - memory_bytes[adjoint][L]: compiled temporary memory (`memory_analysis().temp_size_in_bytes`, the
   buffers XLA allocates besides arguments and outputs) of d(sum y(1)^2)/d(theta, y0) for a weight-tied
-  MLPField (width 256, batch 128, float32) solved with `cfg.solver` in L = 10, 100, 1000 steps.
-  Compile-only, so it keeps these sizes under --quick. Goals: backsolve memory[1000]/memory[10]
-  <= 1.1, discrete about linear, checkpoint (default ~sqrt(L) segments) memory[1000]/memory[10] <= 15.
+  MLPField (width 256, batch 128, float32) solved with `cfg.solver` in L = 10, 100, 1000 steps
+  between the two output times ts = [0, 1] (`substeps=L`). Compile-only, so it keeps these sizes
+  under --quick. Goals: backsolve memory[1000]/memory[10] <= 1.1, discrete about linear,
+  checkpoint (default ~sqrt(L) segments) memory[1000]/memory[10] <= 15.
+- memory_bytes_every_step[adjoint][L]: the same with every step an output, ts = linspace(0, 1, L+1)
+  (`substeps=1`; the layout of a ResNet that keeps every activation). The loss still reads y(1)
+  only, but `odeint` returns all L+1 states, and the gradient holds them and their cotangents: this
+  memory is O(len(ts)) for every adjoint (`every_step_bytes_per_output_in_states`: the growth per
+  output time, in states of batch x width float32). What the continuous adjoint keeps constant is
+  the memory of the steps *between* output times; checkpointing keeps about sqrt(substeps) of them.
 - grad_time_s[adjoint][L]: run time of the same compiled gradients (compile excluded, blocked on,
   median of interleaved repeats, each sample >= `min_sample_s`). Goal: checkpoint <= 2 x discrete.
 - grad_rel_error[L] = ||g_backsolve - g_discrete|| / ||g_discrete|| (gradient w.r.t. parameters and
@@ -20,6 +27,8 @@
   field's error reaches float32 rounding by L = 8 while the ReLU field's stays orders above it.
   `contrast_solvers` runs those sweeps too.
 - nfe: forward and backward vector-field evaluations from `solve(...).stats`.
+
+Memory, NFE and slopes are measured with `neuralode.measure`.
 """
 from __future__ import annotations
 
@@ -33,40 +42,43 @@ import numpy as np
 from flax import nnx
 
 import neuralode as no
-from experiments.common import blocking_calls, compile_all, main, save_figure, time_alternating
+from experiments.common import (blocking_calls, compile_all, flag, main, save_figure,
+                                time_alternating)
+from neuralode.measure import loglog_slope, memory_analysis, solve_stats
+from neuralode.models import ADJOINTS, SOLVERS
+from neuralode.models.spec import RUNGE_KUTTA
 
-ADJOINTS = {"discrete": no.DiscreteAdjoint, "checkpoint": no.CheckpointAdjoint,
-            "backsolve": no.BacksolveAdjoint}
-SOLVERS = ("Euler", "Midpoint", "Heun", "RK4")
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh}
 
 
 @dataclasses.dataclass
 class Config:
-    out: str = "results"
-    quick: bool = False
-    solver: str = dataclasses.field(default="Euler", metadata={
-        "help": "fixed-step solver of the memory and time measurements", "choices": SOLVERS})
-    depths: tuple[int, ...] = dataclasses.field(default=(10, 100, 1000), metadata={
-        "help": "steps L of the memory and time measurements (ts = [0, 1], substeps = L)"})
-    memory_width: int = dataclasses.field(default=256, metadata={
-        "help": "MLP width for the memory analysis (compile only, so --quick keeps it)"})
-    memory_batch: int = 128
-    width: int = dataclasses.field(default=256, metadata={"help": "MLP width for the timings"})
-    batch: int = dataclasses.field(default=128, metadata={"help": "batch for the timings"})
-    repeats: int = 7
-    min_sample_s: float = dataclasses.field(default=0.05, metadata={
-        "help": "calls per timing sample are chosen so that one sample takes at least this long"})
-    error_solver: str = dataclasses.field(default="Heun", metadata={
-        "help": "solver of the backsolve-vs-discrete error sweep (headline)", "choices": SOLVERS})
-    contrast_solvers: tuple[str, ...] = dataclasses.field(
-        default=("Euler", "Midpoint", "RK4"), metadata={"help": "further solvers for the error sweep"})
-    error_steps: tuple[int, ...] = dataclasses.field(default=(2, 4, 8, 16, 32, 64), metadata={
-        "help": "steps L of the error sweep (h = 1 / L)"})
-    channels: int = 8
-    image_size: int = 16
-    images: int = 8
-    seed: int = 0
+    out: str = flag("results", "directory of adjoint.json and the figures")
+    quick: bool = flag(False, "smaller timings and error sweep: the QUICK settings (explicit "
+                              "flags still win)")
+    solver: str = flag("Euler", "fixed-step solver of the memory and time measurements",
+                       choices=RUNGE_KUTTA)
+    depths: tuple[int, ...] = flag((10, 100, 1000), "steps L of the memory and time measurements "
+                                   "(ts = [0, 1] with substeps = L; for memory also "
+                                   "ts = linspace(0, 1, L + 1))")
+    memory_width: int = flag(256, "MLP width for the memory analysis (compile only, so --quick "
+                                  "keeps it)")
+    memory_batch: int = flag(128, "batch for the memory analysis")
+    width: int = flag(256, "MLP width for the timings")
+    batch: int = flag(128, "batch for the timings")
+    repeats: int = flag(7, "timing samples per adjoint and L (the median is reported)")
+    min_sample_s: float = flag(0.05, "calls per timing sample are chosen so that one sample takes "
+                                     "at least this long")
+    error_solver: str = flag("Heun", "solver of the backsolve-vs-discrete error sweep (headline)",
+                             choices=RUNGE_KUTTA)
+    contrast_solvers: tuple[str, ...] = flag(("Euler", "Midpoint", "RK4"),
+                                             "further solvers for the error sweep")
+    error_steps: tuple[int, ...] = flag((2, 4, 8, 16, 32, 64), "steps L of the error sweep "
+                                        "(h = 1 / L)")
+    channels: int = flag(8, "channels of the ConvField of the error sweep")
+    image_size: int = flag(16, "height = width of its images")
+    images: int = flag(8, "batch of images of the error sweep")
+    seed: int = flag(0, "seed of the fields' parameters and of the inputs")
 
 
 QUICK = {"width": 64, "batch": 32, "repeats": 3, "min_sample_s": 0.05, "contrast_solvers": (),
@@ -74,48 +86,44 @@ QUICK = {"width": 64, "batch": 32, "repeats": 3, "min_sample_s": 0.05, "contrast
 
 
 def make_solver(name: str):
-    if name not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {name!r}")
-    return getattr(no, name)()
+    if name not in RUNGE_KUTTA:
+        raise ValueError(f"solver must be one of {RUNGE_KUTTA}, got {name!r}")
+    return SOLVERS[name]()
 
 
 ROUNDING = 8 * float(np.finfo(np.float32).eps)  # relative float32 level below which slopes stop
 
 
 def slope(steps, values, floor: float = 0.0) -> float:
-    """Least-squares slope of log(value) against log(h), h = 1 / steps, over the values above
-    `floor` (errors at rounding level say nothing about the order); nan with fewer than 2 left."""
-    keep = [(s, v) for s, v in zip(steps, values) if v > floor]
-    if len(keep) < 2:
-        return float("nan")
-    h = 1.0 / np.asarray([s for s, _ in keep], dtype=float)
-    return float(np.polyfit(np.log(h), np.log(np.asarray([v for _, v in keep], dtype=float)), 1)[0])
+    """The observed order: slope of log(value) against log(h), h = 1 / steps (values at or below
+    `floor` left out)."""
+    return loglog_slope([1.0 / s for s in steps], values, floor)
 
 
 def flat(tree) -> jax.Array:
     return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
 
 
-def gradient_fn(graphdef, solver, adjoint, steps: int, ts):
-    """d/d(params, y0) of sum(y(t1)^2) as a pure function of (params, y0), jit-ed."""
+def time_grid(steps: int, every_step: bool) -> tuple[jax.Array, int]:
+    """(ts, substeps) of L = `steps` solver steps over [0, 1]: two output times and L substeps, or
+    every step an output time."""
+    if every_step:
+        return jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float32), 1
+    return jnp.array([0.0, 1.0], jnp.float32), steps
+
+
+def gradient_fn(graphdef, solver, adjoint, ts, substeps: int):
+    """d/d(params, y0) of sum(y(t1)^2) as a pure function of (params, y0)."""
     def loss(params, y0):
-        ys = no.odeint(nnx.merge(graphdef, params), y0, ts, solver=solver, substeps=steps,
+        ys = no.odeint(nnx.merge(graphdef, params), y0, ts, solver=solver, substeps=substeps,
                        adjoint=adjoint)
         return jnp.sum(ys[-1] ** 2)
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return jax.grad(loss, argnums=(0, 1))
 
 
-def solve_stats(field, y0, ts, solver, adjoint, steps: int) -> dict:
-    """`solve(...).stats` (Python ints fixed at trace time), read under `eval_shape`: nothing runs."""
-    stats = {}
-
-    def forward(y0):
-        sol = no.solve(field, y0, ts, solver=solver, substeps=steps, adjoint=adjoint)
-        stats.update(sol.stats)
-        return sol.ys
-
-    jax.eval_shape(forward, y0)
+def nfe_of(field, y0, ts, solver, adjoint, substeps: int) -> dict:
+    stats = solve_stats(field, y0, ts, solver=solver, substeps=substeps, adjoint=adjoint)
     return {"nfe": stats["nfe"], "nfe_backward": stats["nfe_backward"]}
 
 
@@ -126,36 +134,35 @@ def mlp_problem(width: int, batch: int, seed: int):
     return field, graphdef, params, y0
 
 
-def memory(cfg: Config, solver, ts) -> tuple[dict, dict, dict]:
-    """Compiled memory statistics of every (adjoint, L) gradient; nothing is run."""
+def memory(cfg: Config, solver, every_step: bool = False) -> tuple[dict, dict, dict]:
+    """Compiled memory statistics of every (adjoint, L) gradient (nothing is run), with ts = [0, 1]
+    or, `every_step`, with every step an output time."""
     field, graphdef, params, y0 = mlp_problem(cfg.memory_width, cfg.memory_batch, cfg.seed)
     temp, analysis, nfe = {}, {}, {}
     for name, adjoint in ADJOINTS.items():
         temp[name], analysis[name], nfe[name] = {}, {}, {}
         for steps in cfg.depths:
-            compiled = gradient_fn(graphdef, solver, adjoint(), steps, ts).lower(params, y0).compile()
-            stats = compiled.memory_analysis()
-            temp[name][steps] = int(stats.temp_size_in_bytes)
-            analysis[name][steps] = {
-                key: int(getattr(stats, key)) for key in (
-                    "temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-                    "alias_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes")
-                if hasattr(stats, key)}
-            nfe[name][steps] = solve_stats(field, y0, ts, solver, adjoint(), steps)
-            print(f"memory {name:10s} L={steps:5d}: temp {temp[name][steps] / 2**20:9.2f} MiB",
-                  flush=True)
+            ts, substeps = time_grid(steps, every_step)
+            analysis[name][steps] = memory_analysis(
+                gradient_fn(graphdef, solver, adjoint(), ts, substeps), params, y0)
+            temp[name][steps] = analysis[name][steps]["temp_size_in_bytes"]
+            nfe[name][steps] = nfe_of(field, y0, ts, solver, adjoint(), substeps)
+            print(f"memory {name:10s} L={steps:5d}{' (every step)' if every_step else ''}: "
+                  f"temp {temp[name][steps] / 2**20:9.2f} MiB", flush=True)
     return temp, analysis, nfe
 
 
-def timings(cfg: Config, solver, ts) -> tuple[dict, dict]:
-    """Per L, the three adjoints' gradients timed in alternation (compile excluded)."""
+def timings(cfg: Config, solver) -> tuple[dict, dict]:
+    """Per L, the three adjoints' gradients (ts = [0, 1], L substeps) timed in alternation
+    (compile excluded)."""
     _, graphdef, params, y0 = mlp_problem(cfg.width, cfg.batch, cfg.seed)
     run_s = {name: {} for name in ADJOINTS}
     details = {name: {} for name in ADJOINTS}
     for steps in cfg.depths:
         args = {name: (params, y0) for name in ADJOINTS}
+        ts, substeps = time_grid(steps, every_step=False)
         compiled, compile_s = compile_all(
-            {name: gradient_fn(graphdef, solver, adjoint(), steps, ts)
+            {name: jax.jit(gradient_fn(graphdef, solver, adjoint(), ts, substeps))
              for name, adjoint in ADJOINTS.items()}, args)
         calls = blocking_calls(compiled, args)
         single = []
@@ -198,7 +205,7 @@ def error_sweep(cfg: Config, solver, ts) -> dict:
 
             rel, rec = jax.jit(measure)(params, y0)
             errors[steps], reconstruction[steps] = float(rel), float(rec)
-            nfe[steps] = solve_stats(field, y0, ts, solver, no.BacksolveAdjoint(), steps)
+            nfe[steps] = nfe_of(field, y0, ts, solver, no.BacksolveAdjoint(), steps)
             print(f"error {type(solver).__name__} {act_name} L={steps:4d}: rel {errors[steps]:.3e}, "
                   f"reconstruction {reconstruction[steps]:.3e}", flush=True)
         steps_list = list(errors)
@@ -226,14 +233,20 @@ def run(cfg: Config) -> dict:
     ts = jnp.array([0.0, 1.0], jnp.float32)
     lo, hi = min(cfg.depths), max(cfg.depths)
 
-    memory_bytes, memory_analysis, nfe = memory(cfg, solver, ts)
+    memory_bytes, analysis, nfe = memory(cfg, solver)
     memory_ratio = {name: ratio(memory_bytes[name], hi, lo) for name in ADJOINTS}
-    # Bytes per extra step of the discrete adjoint, in units of one state (batch x width float32).
+    every_step, _, _ = memory(cfg, solver, every_step=True)
+    every_step_ratio = {name: ratio(every_step[name], hi, lo) for name in ADJOINTS}
+    # Bytes per extra step (output time), in units of one state (batch x width float32).
     state_bytes = cfg.memory_batch * cfg.memory_width * 4
-    discrete_per_step = ((memory_bytes["discrete"][hi] - memory_bytes["discrete"][lo])
-                         / (hi - lo) / state_bytes)
 
-    grad_time_s, timing_details = timings(cfg, solver, ts)
+    def per_step(table):
+        return (table[hi] - table[lo]) / (hi - lo) / state_bytes
+
+    discrete_per_step = per_step(memory_bytes["discrete"])
+    every_step_per_output = {name: per_step(every_step[name]) for name in ADJOINTS}
+
+    grad_time_s, timing_details = timings(cfg, solver)
     time_ratio = {steps: grad_time_s["checkpoint"][steps] / grad_time_s["discrete"][steps]
                   for steps in cfg.depths}
     backsolve_time_ratio = {steps: grad_time_s["backsolve"][steps] / grad_time_s["discrete"][steps]
@@ -249,10 +262,14 @@ def run(cfg: Config) -> dict:
     relu_over_tanh = {s: relu[s] / tanh[s] for s in cfg.error_steps}
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name in ADJOINTS:
+    for index, name in enumerate(ADJOINTS):
+        color = f"C{index}"
         axes[0].plot(cfg.depths, [memory_bytes[name][s] / 2**20 for s in cfg.depths], "o-",
-                     label=f"{name} (x{memory_ratio[name]:.2f})")
-        axes[1].plot(cfg.depths, [grad_time_s[name][s] * 1e3 for s in cfg.depths], "o-", label=name)
+                     color=color, label=f"{name}, ts = [0, 1] (x{memory_ratio[name]:.2f})")
+        axes[0].plot(cfg.depths, [every_step[name][s] / 2**20 for s in cfg.depths], "s--",
+                     color=color, label=f"{name}, every step in ts (x{every_step_ratio[name]:.1f})")
+        axes[1].plot(cfg.depths, [grad_time_s[name][s] * 1e3 for s in cfg.depths], "o-",
+                     color=color, label=name)
     axes[0].set(xscale="log", yscale="log", xlabel="steps L", ylabel="temp memory [MiB]",
                 title=f"gradient temp memory, MLP {cfg.memory_width}x{cfg.memory_batch}, "
                       f"{cfg.solver}")
@@ -287,9 +304,12 @@ def run(cfg: Config) -> dict:
     return {
         "device": str(jax.devices()[0]),
         "memory_bytes": memory_bytes,
-        "memory_analysis": memory_analysis,
+        "memory_analysis": analysis,
         "memory_ratio": memory_ratio,
         "discrete_bytes_per_step_in_states": discrete_per_step,
+        "memory_bytes_every_step": every_step,
+        "memory_ratio_every_step": every_step_ratio,
+        "every_step_bytes_per_output_in_states": every_step_per_output,
         "grad_time_s": grad_time_s,
         "checkpoint_time_ratio": time_ratio,
         "backsolve_time_ratio": backsolve_time_ratio,
@@ -304,6 +324,9 @@ def run(cfg: Config) -> dict:
                 "backsolve (goal <= 1.1)": round(memory_ratio["backsolve"], 3),
                 "checkpoint (goal <= 15)": round(memory_ratio["checkpoint"], 2),
                 "discrete (about linear)": round(memory_ratio["discrete"], 1)},
+            f"memory MiB L={lo} -> L={hi}, every step in ts": {
+                name: [round(every_step[name][s] / 2**20, 1) for s in (lo, hi)]
+                for name in ADJOINTS},
             "checkpoint/discrete time (goal <= 2)": {s: round(r, 2) for s, r in time_ratio.items()},
             f"relu grad_rel_error {cfg.error_solver} L={smallest}":
                 float(f"{main_sweep['relu']['grad_rel_error'][smallest]:.3g}"),

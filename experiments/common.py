@@ -15,8 +15,9 @@ An experiment module defines
     if __name__ == "__main__":
         main(__name__, Config, run, QUICK)
 
-and `main` writes `<out>/<name>.json` with the config and the results. A results dict may carry a
-`"headline"` dict of the few numbers that `python -m experiments` copies into REPORT.md.
+and `main` writes `<out>/<name>.json` with the config and the results, then prints where the JSON
+and the figures of the run went and the headline. A results dict may carry a `"headline"` dict of
+the few numbers that `python -m experiments` copies into REPORT.md.
 """
 from __future__ import annotations
 
@@ -32,6 +33,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+
+def flag(default, help: str, **metadata) -> Any:
+    """A `Config` field: its default, the help text of its flag and other metadata (`choices`)."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+def flag_like(cls, name: str, **changes) -> Any:
+    """A `Config` field with the default and the metadata (help, choices) of the field `name` of the
+    dataclass `cls` (say a `neuralode.models.ModelSpec` setting); `default=` or `help=` replace
+    them."""
+    source = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = changes.pop("default", source.default)
+    return dataclasses.field(default=default, metadata={**source.metadata, **changes})
 
 
 def short_name(module_name: str) -> str:
@@ -100,6 +115,25 @@ def save_figure(cfg, fig, name: str) -> Path:
     return path
 
 
+def plot_history(cfg, history: list[dict], title: str, name: str) -> Path:
+    """Cross-entropy and accuracy per epoch (train and test) of a `neuralode.train` run's metrics
+    records, saved as `<out>/<name>.png`."""
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for split in ("train", "test"):
+        axes[0].plot(epochs, [r[f"{split}_cross_entropy"] for r in history], label=split)
+        axes[1].plot(epochs, [100 * r[f"{split}_accuracy"] for r in history], label=split)
+    axes[0].set(xlabel="epoch", ylabel="cross-entropy", yscale="log")
+    axes[1].set(xlabel="epoch", ylabel="accuracy (%)")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return save_figure(cfg, fig, name)
+
+
 def run_experiment(module_name: str, config_cls, run: Callable, quick_overrides: dict,
                    argv: list[str] | None = None, doc: str | None = None) -> dict:
     """Parse flags, run, and write `<out>/<name>.json`; returns the results."""
@@ -108,13 +142,16 @@ def run_experiment(module_name: str, config_cls, run: Callable, quick_overrides:
     matplotlib.use("Agg")
     name = short_name(module_name)
     cfg = parse_config(config_cls, quick_overrides, argv, f"python -m experiments.{name}", doc)
-    start = time.perf_counter()
+    start, started_ns = time.perf_counter(), time.time_ns()
     results = run(cfg)
     results = {"experiment": name, "config": dataclasses.asdict(cfg), **results,
                "wall_s": time.perf_counter() - start}
     path = Path(cfg.out) / f"{name}.json"
     write_json(path, results)
-    print(f"wrote {path}")
+    figures = sorted(p for p in Path(cfg.out).glob("*.png") if p.stat().st_mtime_ns >= started_ns)
+    print("\n".join(f"wrote {p}" for p in (path, *figures)))
+    for key, value in to_jsonable(results.get("headline", {})).items():
+        print(f"  {key}: {json.dumps(value)}")
     return results
 
 

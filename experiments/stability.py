@@ -29,11 +29,11 @@ from flax import nnx
 import neuralode
 from experiments.common import main, save_figure
 from neuralode import analysis
+from neuralode.models.spec import RUNGE_KUTTA
 from neuralode.train_step import make_train_state, make_train_step
 
 F64 = jnp.float64
-SOLVERS = {"Euler": neuralode.Euler(), "Midpoint": neuralode.Midpoint(), "Heun": neuralode.Heun(),
-           "RK4": neuralode.RK4()}
+SOLVERS = {name: neuralode.models.SOLVERS[name]() for name in RUNGE_KUTTA}
 
 
 @dataclasses.dataclass

@@ -12,6 +12,15 @@ def test_adjoint_experiment_quick(tmp_path):
     assert memory["checkpoint"][1000] / memory["checkpoint"][10] <= 15  # ~sqrt(L) segments
     assert memory["discrete"][1000] > 20 * memory["discrete"][10]  # every step stored
     assert memory["discrete"][1000] > 10 * memory["checkpoint"][1000]
+    # With every step an output time the trajectory itself is stored: O(len(ts)) for every
+    # adjoint, at least one state (batch x width) per output time (measured: backsolve 2.0, its
+    # states and their cotangents; checkpoint 1.1; discrete 5.0).
+    every = results["memory_bytes_every_step"]
+    per_output = results["every_step_bytes_per_output_in_states"]
+    for name in ("discrete", "checkpoint", "backsolve"):
+        assert every[name][1000] > 20 * every[name][10], name
+        assert per_output[name] >= 0.9, (name, per_output)
+    assert per_output["backsolve"] > per_output["checkpoint"]
 
     for name, times in results["grad_time_s"].items():
         assert all(np.isfinite(t) and t > 0 for t in times.values()), name

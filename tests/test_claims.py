@@ -1,4 +1,5 @@
-"""Every claim of issue 6, recomputed with --quick settings and checked against the source's figures."""
+"""Every claim of docs/claims.md, recomputed with --quick settings and checked against the source's
+figures."""
 import json
 import math
 

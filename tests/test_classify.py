@@ -1,4 +1,6 @@
-"""experiments.classify end to end with --quick on digits: a broken model cannot reach 90 %."""
+"""experiments.classify end to end with --quick on digits: a broken model cannot reach 90 %; the
+flags reach the model and the training run."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -6,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from neuralode.rundir import METRICS_FILE, checkpoints_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,9 +22,11 @@ def classify(*args, out):
 
 @pytest.mark.parametrize("model", ["resnet", "odenet"])
 def test_quick_digits_reaches_90_percent(model, tmp_path):
-    done = classify("--dataset", "digits", "--model", model, out=tmp_path)
+    done = classify("--dataset", "digits", "--model", model, "--checkpoint-every", "7", out=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "classify.json").read_text())
+    assert f"wrote {tmp_path / 'classify.json'}" in done.stdout
+    assert f"wrote {tmp_path / f'classify_digits_{model}.png'}" in done.stdout
     assert results["headline"]["test_acc"] >= 0.90
     assert results["params"] > 0 and len(results["history"]) == results["config"]["epochs"]
     if model == "odenet":
@@ -28,7 +34,13 @@ def test_quick_digits_reaches_90_percent(model, tmp_path):
     else:
         assert results["nfe_forward"] == 2 * results["config"]["blocks"]
     assert (tmp_path / f"classify_digits_{model}.png").stat().st_size > 0
-    assert (tmp_path / f"classify_digits_{model}" / "metrics.jsonl").exists()
+    assert (tmp_path / f"classify_digits_{model}" / METRICS_FILE).exists()
+    # --checkpoint-every reaches the training run: a checkpoint between two epochs' ends at a
+    # multiple of 7 steps (the default saves every 100).
+    steps_per_epoch = results["history"][0]["step"]
+    saved = [int(p.name) for p in Path(checkpoints_dir(tmp_path / f"classify_digits_{model}")).iterdir()
+             if p.name.isdigit()]
+    assert any(s % 7 == 0 and s % steps_per_epoch for s in saved), (saved, steps_per_epoch)
 
 
 def test_mnist_without_directory_is_a_clear_error(tmp_path):
@@ -37,3 +49,15 @@ def test_mnist_without_directory_is_a_clear_error(tmp_path):
     assert "--dataset mnist needs --mnist-dir" in done.stderr
     assert not (tmp_path / "classify.json").exists()
 
+
+
+def test_every_flag_has_a_help_text_and_the_model_flags_are_a_model_spec():
+    from experiments.classify import Config, model_spec
+    from neuralode.models import ModelSpec
+
+    assert all(field.metadata.get("help") for field in dataclasses.fields(Config))
+    cfg = Config(model="odenet", augment_channels=4, rtol=1e-5, solver="Tsit5")
+    spec = model_spec(cfg)
+    assert spec == ModelSpec(model="odenet", augment_channels=4, rtol=1e-5, solver="Tsit5")
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    assert all(defaults[f.name] == f.default for f in dataclasses.fields(ModelSpec))

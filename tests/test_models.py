@@ -1,5 +1,6 @@
 """Classifiers: shapes, ResNet = hand-written residual blocks, PlainNet has no identity path, the
-ODE-Net's adjoints agree, RNODE integrals equal quadrature, parameter counts, clear errors."""
+ODE-Net's adjoints agree, RNODE integrals equal quadrature, parameter counts, every class abstract or
+final, clear errors."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +10,8 @@ import scipy.linalg
 from flax import nnx
 
 import neuralode as no
-from neuralode.models import AugmentedODENet, ODENet, PlainNet, ResNet, RKNet
-from neuralode.models.classifiers import rnode_solve
+from neuralode.models import ODENet, PlainNet, ResNet, RKNet
+from neuralode.models.classifiers import _Classifier, _DepthStackNet, rnode_solve
 from neuralode.train import classification_loss
 
 F64 = jnp.float64
@@ -31,7 +32,7 @@ def batch(spatial_dims, n=3, channels=1, key=0):
 @pytest.mark.parametrize("cls, options, spatial_dims", [
     (ResNet, dict(blocks=2), 1), (ResNet, dict(blocks=2), 2), (PlainNet, dict(blocks=2), 1),
     (RKNet, dict(steps=2), 2), (ODENet, dict(rtol=1e-4, atol=1e-4), 1),
-    (ODENet, dict(rtol=1e-4, atol=1e-4), 2), (AugmentedODENet, dict(augment_channels=2), 2)],
+    (ODENet, dict(rtol=1e-4, atol=1e-4), 2), (ODENet, dict(augment_channels=2), 2)],
     ids=lambda v: getattr(v, "__name__", "") if not isinstance(v, int) else f"{v}d")
 def test_shapes_1d_and_2d(cls, options, spatial_dims):
     model = cls(2, 7, spatial_dims=spatial_dims, rngs=nnx.Rngs(0), **SMALL, **options)
@@ -184,7 +185,7 @@ def test_parameter_counts_closed_form(spatial_dims):
     augmented = (conv(3, cin, c0, d) + classes * (c1 + a + 1) + conv(1, c0 + a, c1, d)
                  + conv(3, c0 + a, c1, d) + conv(3, c1, c1, d) + 2 * conv(3, c0 + a + 1, c0 + a, d)
                  + 2 * conv(3, c1 + a + 1, c1 + a, d))
-    assert n_params(AugmentedODENet, cin, classes, augment_channels=a, **options) == augmented
+    assert n_params(ODENet, cin, classes, augment_channels=a, **options) == augmented  # ANODE
 
 
 def test_bad_input_names_the_argument():
@@ -204,4 +205,15 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="solver must be an adaptive solver"):
         ODENet(1, 3, solver=no.RK4(), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="augment_channels"):
-        AugmentedODENet(1, 3, augment_channels=0, rngs=nnx.Rngs(0))
+        ODENet(1, 3, augment_channels=-1, rngs=nnx.Rngs(0))
+
+
+def test_every_classifier_class_is_abstract_or_final():
+    """The shared bases declare `_stage` abstract, so they cannot be built; the four models define
+    it and subclass only the bases."""
+    for base in (_Classifier, _DepthStackNet):
+        with pytest.raises(TypeError, match="abstract"):
+            base(1, 3, channels=(4,), spatial_dims=1, rngs=nnx.Rngs(0))
+    models = (ResNet, PlainNet, RKNet, ODENet)
+    for cls in models:
+        assert not any(issubclass(cls, other) for other in models if other is not cls), cls

@@ -15,8 +15,8 @@ block, and only it differs between the models, all stepping a `ConvField` f(t, y
 - `RKNet`: one weight-tied, time-conditioned field stepped by RK4 (or another explicit Runge-Kutta
   method), backprop through the steps (the RK-Net of Chen et al. 2018, Table 1).
 - `ODENet`: the same field integrated adaptively (Dopri5/Tsit5) over [0, `horizon`], gradients by
-  the continuous adjoint or by checkpointing (Chen et al. 2018). `AugmentedODENet`: zero channels
-  concatenated before the ODE block (Dupont et al. 2019, "Augmented Neural ODEs").
+  the continuous adjoint or by checkpointing (Chen et al. 2018); with `augment_channels=k`, k zero
+  channels concatenated before every ODE block (ANODE: Dupont et al. 2019, "Augmented Neural ODEs").
 - Optional RNODE regularisation (Finlay et al. 2020, "How to train your neural ODE"): the kinetic
   energy int ||f||^2 dt and the Jacobian Frobenius norm int ||e^T df/dy||^2 dt (Hutchinson,
   e ~ N(0, I) drawn once per solve from the model's own `nnx.Rngs`) integrated as extra state.
@@ -30,6 +30,7 @@ over stages and, for RNODE in training mode, the regularisation terms;
 """
 from __future__ import annotations
 
+import abc
 from typing import Callable, Sequence
 
 import jax
@@ -67,8 +68,8 @@ class Transition(nnx.Module):
         return self.projection(x) + self.conv2(s(self.conv1(s(x))))
 
 
-class _Classifier(nnx.Module):
-    """Stem, stages, transitions and head; subclasses build `self.stages` and `_stage`."""
+class _Classifier(nnx.Module, abc.ABC):
+    """Stem, stages, transitions and head; subclasses build `self.stages` and define `_stage`."""
 
     def __init__(self, in_channels: int, num_classes: int, channels: Sequence[int], *,
                  spatial_dims: int, kernel_size: int, stem_kernel_size: int,
@@ -95,8 +96,9 @@ class _Classifier(nnx.Module):
             for i in range(len(channels) - 1)])
         self.head = nnx.Linear(stage_channels[-1], num_classes, param_dtype=param_dtype, rngs=rngs)
 
+    @abc.abstractmethod
     def _stage(self, index: int, y) -> tuple[jax.Array, dict]:
-        raise NotImplementedError
+        """Stage `index` applied to `y`: the new state and its statistics (`nfe`, ...)."""
 
     def forward(self, x) -> tuple[jax.Array, dict]:
         """Logits and statistics: `nfe` (field evaluations of the forward pass, all stages), for
@@ -130,10 +132,9 @@ def _stacks(channels, blocks, kernel_size, spatial_dims, norm, activation, param
     return nnx.List([DepthStack(make(c), blocks, rngs=rngs) for c in channels])
 
 
-class ResNet(_Classifier):
-    """Stages of `blocks` residual blocks y_{k+1} = y_k + h F_k(y_k), computed as `blocks` Euler
-    steps of a `DepthStack` of `ConvField`s over [0, blocks * step_size] (He et al. 2016, in the
-    pre-activation form; Haber & Ruthotto 2017 and E 2017 for the ODE view)."""
+class _DepthStackNet(_Classifier):
+    """Stages of `blocks` depth-varying `ConvField`s (a `DepthStack` each), one per block at
+    t_k = k * step_size: the layout that ResNet and PlainNet share."""
 
     def __init__(self, in_channels: int, num_classes: int, *, channels: Sequence[int] = (32, 64),
                  blocks: int = 2, step_size: float = 1.0, spatial_dims: int = 2,
@@ -149,13 +150,19 @@ class ResNet(_Classifier):
         self.stages = _stacks(channels, blocks, kernel_size, spatial_dims, norm, activation,
                               param_dtype, rngs)
 
+
+class ResNet(_DepthStackNet):
+    """Stages of `blocks` residual blocks y_{k+1} = y_k + h F_k(y_k), computed as `blocks` Euler
+    steps of a `DepthStack` of `ConvField`s over [0, blocks * step_size] (He et al. 2016, in the
+    pre-activation form; Haber & Ruthotto 2017 and E 2017 for the ODE view)."""
+
     def _stage(self, index, y):
         ts = jnp.array([0.0, self.blocks * self.step_size], y.dtype)
         sol = solve(self.stages[index], y, ts, solver=Euler(), substeps=self.blocks)
         return sol.ys[-1], {"nfe": sol.stats["nfe"], "nfe_backward": sol.stats["nfe_backward"]}
 
 
-class PlainNet(ResNet):
+class PlainNet(_DepthStackNet):
     """The ResNet's fields and parameter layout without the identity path: y_{k+1} = F_k(y_k),
     a `lax.scan` over the `DepthStack`'s parameter slices (the plain baseline of claims B1/B2)."""
 
@@ -251,6 +258,10 @@ class ODENet(_Classifier):
     [0, horizon] (Chen et al. 2018). `adjoint`: `BacksolveAdjoint()` (continuous adjoint, memory
     independent of the number of steps) or `CheckpointAdjoint()` (backprop with recomputation).
 
+    ANODE: with `augment_channels=k` > 0, k zero channels are concatenated to y before every ODE
+    block (Dupont et al. 2019), so the flow runs in a wider space and can untangle what a
+    homeomorphism of the input space cannot; the transitions and the head read the wider state.
+
     RNODE: with `kinetic_weight` or `jacobian_weight` > 0 the training-mode forward integrates the
     regularisers alongside y and reports `regularisation = kinetic_weight * mean K + jacobian_weight
     * mean J` in its stats; `neuralode.train.classification_loss` adds it to the loss. In eval mode
@@ -315,14 +326,3 @@ class ODENet(_Classifier):
                        + self.jacobian_weight * jacobian}
         sol = solve(field, y, jnp.array([0.0, self.horizon], y.dtype), **self._solve_options())
         return sol.ys[-1], {"nfe": sol.stats["nfe"]}
-
-
-class AugmentedODENet(ODENet):
-    """ODE-Net with `augment_channels` zero channels concatenated before every ODE block (ANODE,
-    Dupont et al. 2019): the flow runs in a wider space, so it can untangle what a homeomorphism
-    of the input space cannot."""
-
-    def __init__(self, in_channels: int, num_classes: int, *, augment_channels: int = 8, **options):
-        if not isinstance(augment_channels, int) or augment_channels < 1:
-            raise ValueError(f"augment_channels must be an int >= 1, got {augment_channels!r}")
-        super().__init__(in_channels, num_classes, augment_channels=augment_channels, **options)
