@@ -16,7 +16,8 @@ jax 0.10.2 on host devices: "Termination timeout for all reduce ... Expected 4 t
 arrived", SIGABRT after 40 s), under `shard_map` as under a plainly batch-sharded `jit` (which
 also moves the callback's operands to device 0, diffrax issues 247 and 403). Program 1 has no
 collective, and the host waits for it before it dispatches program 2, so such an error is an
-ordinary Python exception (`jax.errors.JaxRuntimeError` carrying equinox's message).
+ordinary Python exception (`jax.errors.JaxRuntimeError` carrying equinox's message). The price
+is a host wait and a second dispatch per step: a fixed cost, felt by steps of a few milliseconds.
 
 What the numbers are. With equal shards, the mean of the per-device gradients of per-device mean
 losses is the gradient of the batch mean, so a fixed-step model (ResNet, RK-Net) takes the
@@ -26,8 +27,9 @@ full-batch solve by the solver's tolerance. Random streams (`nnx.Rngs`: RNODE's 
 dropout) are folded with the device index on meshes of more than one device (device d draws from
 `fold_in(key, d)`), so the devices draw independent noise; their counters advance as on one device.
 Floating-point variables other than parameters that the forward pass changes (BatchNorm averages)
-become the mean over devices. Metrics are the means over devices; each metric whose name starts
-with `nfe` also gets `<name>_device_max`, the count of the slowest device, which sets the step time.
+become the mean over devices. Metrics are the means over devices; on more than one device each
+metric whose name starts with `nfe` also gets `<name>_device_max`, the count of the slowest device,
+which sets the step time.
 
 A batch whose size the device count does not divide (the last, smaller batch of an epoch) is
 computed whole on every device, without folding: the one-device step, at N times its work.
@@ -110,6 +112,8 @@ def shard_batch(mesh: Mesh, *arrays: Any) -> tuple[jax.Array, ...]:
 def _put(mesh: Mesh, spec: Spec, array: np.ndarray) -> jax.Array:
     """`array` (global, the same in every process) placed by `spec`, from this process's part."""
     sharding = NamedSharding(mesh, spec)
+    if jax.process_count() == 1:  # the process's part is all of it (and device_put is quicker)
+        return jax.device_put(array, sharding)
     rows = [index[0] for index in sharding.addressable_devices_indices_map(array.shape).values()]
     start = min(r.start or 0 for r in rows)
     stop = max(array.shape[0] if r.stop is None else r.stop for r in rows)
@@ -122,8 +126,6 @@ def _local(graphdef: nnx.GraphDef, loss_fn: LossFn, fold: bool, gradients: bool)
 
     def local(state, *batch):
         model = nnx.merge(graphdef, state)
-        if isinstance(model, dict):  # make_train_state's {"model": ..., "optimizer": ...}
-            model = model["model"]
         if fold:  # independent random streams per device
             keys = nnx.state(model, nnx.RngKey)
             device = jax.lax.axis_index(DATA)
@@ -154,33 +156,42 @@ def _reduce_changed(value: jax.Array) -> jax.Array:
     return jnp.mean(value, axis=0) if jnp.issubdtype(value.dtype, jnp.inexact) else value[0]
 
 
-class _Sharded:
-    """The per-device program over `mesh`, compiled once for sharded and once for replicated
-    batches, and the host-side choice between them."""
+def _replicated(state: Any, sharding: NamedSharding) -> Any:
+    """`state` on every device of `sharding`'s mesh (nothing moves where it is already)."""
+    if any(getattr(leaf, "sharding", None) != sharding for leaf in jax.tree.leaves(state)):
+        return jax.device_put(state, sharding)
+    return state
+
+
+class _PerDevice:
+    """The per-device program of a model (`graphdef`) over `mesh`, compiled once for sharded and
+    once for replicated batches, and the host-side choice between them."""
 
     def __init__(self, mesh: Mesh, graphdef: nnx.GraphDef, loss_fn: LossFn, gradients: bool):
         self.mesh, self.size = mesh, data_size(mesh)
         self.graphdef, self.loss_fn, self.gradients = graphdef, loss_fn, gradients
-        self.replicated = NamedSharding(mesh, Spec())
+        self.programs = {}
 
-    @functools.cache
     def program(self, sharded: bool, arity: int) -> Callable:
-        batch_spec = Spec(DATA) if sharded else Spec()
-        local = _local(self.graphdef, self.loss_fn, sharded and self.size > 1, self.gradients)
-        return jax.jit(jax.shard_map(local, mesh=self.mesh, in_specs=(Spec(),) + (batch_spec,) * arity,
-                                     out_specs=Spec(DATA), check_vma=False))
+        if (sharded, arity) not in self.programs:
+            batch_spec = Spec(DATA) if sharded else Spec()
+            local = _local(self.graphdef, self.loss_fn, sharded and self.size > 1, self.gradients)
+            self.programs[sharded, arity] = jax.jit(jax.shard_map(
+                local, mesh=self.mesh, in_specs=(Spec(),) + (batch_spec,) * arity, out_specs=Spec(DATA),
+                check_vma=False))
+        return self.programs[sharded, arity]
 
-    def __call__(self, state, batch: tuple) -> Any:
+    def __call__(self, model_state, batch: tuple) -> Any:
+        """The per-device outputs for the replicated `model_state` and the global `batch`."""
         if not batch:
             raise ValueError("batch: expected at least one array")
-        length = np.shape(batch[0])[0]
-        sharded = length % self.size == 0
+        sharded = np.shape(batch[0])[0] % self.size == 0
         batch = (shard_batch(self.mesh, *batch) if sharded
                  else tuple(_put(self.mesh, Spec(), np.asarray(a)) for a in batch))
-        if any(getattr(leaf, "sharding", None) != self.replicated for leaf in jax.tree.leaves(state)):
-            state = jax.device_put(state, self.replicated)
+        outputs = self.program(sharded, len(batch))(model_state, *batch)
         try:  # wait for it before any collective: a device whose value check fired raises here
-            return state, jax.block_until_ready(self.program(sharded, len(batch))(state, *batch))
+            jax.block_until_ready(jax.tree.leaves(outputs)[-1])  # one output spans every device
+            return outputs
         except jax.errors.JaxRuntimeError as error:
             error.add_note(f"(raised on a device's part of the batch of a data-parallel step over "
                            f"{self.size} devices: a value check of the model failed there)")
@@ -193,9 +204,10 @@ def data_parallel_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh
     with `state` replicated on `mesh` (`replicate`) and the global batch (host arrays, the same in
     every process) sharded over its axis `data`. Metrics are device means, plus
     `<nfe...>_device_max`; see the module docstring for what the numbers are."""
-    per_device = _Sharded(mesh, graphdef, loss_fn, gradients=True)
+    size, replicated = data_size(mesh), NamedSharding(mesh, Spec())
+    per_device = None  # made at the first call: program 1 takes the model's part of the state only
 
-    @functools.partial(jax.jit, out_shardings=per_device.replicated)
+    @functools.partial(jax.jit, out_shardings=replicated)
     def update(state, grads, changed, metrics):
         parts = nnx.merge(graphdef, state)
         model, optimizer = parts["model"], parts["optimizer"]
@@ -203,11 +215,15 @@ def data_parallel_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh
         grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)  # the all-reduce
         with jax.numpy_dtype_promotion("standard"):  # optax computes `decay ** count` (float ** int32)
             optimizer.update(model, grads)
-        return nnx.state(parts), _device_means(metrics, per_device.size)
+        return nnx.state(parts), _device_means(metrics, size)
 
     def step(state: nnx.State, *batch: Any) -> tuple[nnx.State, dict[str, jax.Array]]:
-        state, outputs = per_device(state, batch)
-        return update(state, *outputs)
+        nonlocal per_device
+        state = _replicated(state, replicated)
+        if per_device is None:
+            model_graphdef = nnx.graphdef(nnx.merge(graphdef, state)["model"])
+            per_device = _PerDevice(mesh, model_graphdef, loss_fn, gradients=True)
+        return update(state, *per_device(state["model"], batch))
 
     return step
 
@@ -215,7 +231,6 @@ def data_parallel_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh
 def data_parallel_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh) -> Callable:
     """The data-parallel `evaluate(model_state, *batch) -> metrics` (device means, plus
     `<nfe...>_device_max`) of `loss_fn` for a model's graph definition, as `make_eval_step`."""
-    per_device = _Sharded(mesh, graphdef, loss_fn, gradients=False)
-    reduce = jax.jit(functools.partial(_device_means, size=per_device.size),
-                     out_shardings=per_device.replicated)
-    return lambda model_state, *batch: reduce(per_device(model_state, batch)[1])
+    per_device, replicated = _PerDevice(mesh, graphdef, loss_fn, gradients=False), NamedSharding(mesh, Spec())
+    reduce = jax.jit(functools.partial(_device_means, size=per_device.size), out_shardings=replicated)
+    return lambda model_state, *batch: reduce(per_device(_replicated(model_state, replicated), batch))
