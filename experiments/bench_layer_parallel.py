@@ -1,0 +1,392 @@
+"""Benchmark of layer-parallel depth (`neuralode.parallel.layer_parallel_solve`): a deep ResNet's
+forward and forward+backward passes by two-level MGRIT (F-relaxation, parareal) over 1, 2, 8
+devices against the serial network, beside a work model's predicted speed-up.
+
+    python -m experiments.bench_layer_parallel [--quick] [--out DIR]
+
+The network: N Euler steps u_{n+1} = u_n + h f_n(u_n), h = T / N, of a `DepthStack` of
+`MLPField(width, hidden=width, layers=2)` (f_n(u) = W2 tanh(W1 u + b1) + b2, one set per layer) on
+a batch of `batch` states, in float64; the loss of forward+backward is sum(w * u_N) for a fixed w,
+differentiated with respect to every layer's parameters. Serial: `odeint(..., solver=Euler())`,
+backprop through the steps. Layer-parallel: `layer_parallel_solve` with coarsening m, K forward and
+K_b adjoint iterations (`jax.grad` through its custom_vjp), no fallback, so that each run does the
+iterations it is timed for. Without accelerators the devices are host CPU devices made in this
+process (`neuralode.parallel.host_devices`); they share the machine's `cores`.
+
+Checks: with N/m iterations (forward and adjoint) MGRIT is exact, so `forward_error_exact`
+(max |layer-parallel - serial| over every state) and `gradient_error` (relative, of
+`layer_parallel_vjp`'s parameter gradients) are at rounding; `probe_iterations` caps them at the
+depths where N/m is larger, which still give the residual per iteration (the figure).
+
+The work model, derived from `neuralode.parallel.mgrit.solve`: K corrections are K + 1 rounds
+(the first coarse sweep is the initial guess) of a serial coarse sweep, N/m coarse steps
+(pipelined: each device steps its N/(mP) intervals once the one before has sent its last value),
+then on every device at once the F-relaxation, N/P fine steps, and the coarse steps of the FAS
+correction, N/(mP); and P + 3 collectives (P pipeline hand-offs, one hand-off of interval starts,
+two norms). P devices on C cores run the parallel part on min(P, C) cores:
+
+    T_mgrit(P) = (K + 1) [ (N/m) c_s + (N/P)(1 + 1/m) c_r P / min(P, C) + (P + 3) lam [P > 1] ]
+
+Calibration, per depth: c_s = serial forward time / N (a coarse step is one Euler step of the same
+field, stepped one after the other as in the serial network); c_r, a step of the relaxation (the
+device's intervals stepped at once, `vmap`), from the one-device layer-parallel run, so P = 1
+calibrates and P > 1 is predicted; lam, one collective, from a ring of `ppermute`s of a C-point on
+the P devices. The adjoint is the same with c_s + c_b (c_b = (serial forward+backward - serial
+forward) / N, a backprop step; the adjoint's vjp re-evaluates the step it differentiates) and its
+own c_r from the one-device forward+backward run, K_b for K. Predicted speed-up = serial time / T.
+`prediction_error` = max |predicted / measured speed-up - 1| over the measured depths, device
+counts P > 1 and both passes. `predicted_speedup` extrapolates to P = 8 ... 1024 devices at depth
+`predict_depth` with one core per device and the costs of the largest measured depth (lam of the
+most devices measured); beside it `work_model_speedup` is the idealised S(P, m, K) =
+N / (N/m + K (N/P + N/m)) of issue 24 (equal step costs, no communication).
+Run times exclude compilation (reported apart), block on results, and are medians of interleaved
+repeats.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as Spec
+from tqdm.auto import tqdm
+
+import neuralode
+from experiments.common import (blocking_calls, compile_all, flag, main, save_figure,
+                                time_alternating, time_interleaved)
+from neuralode.parallel import (MGRIT, depth_mesh, host_devices, layer_parallel_solve,
+                                layer_parallel_vjp, shard_layers)
+
+
+@dataclasses.dataclass
+class Config:
+    out: str = flag("results", "directory of bench_layer_parallel.json and the figures")
+    quick: bool = flag(False, "small settings (QUICK): under a minute on two cores")
+    depths: tuple[int, ...] = flag((64, 256, 1024, 4096), "network depths N (Euler steps)")
+    devices: tuple[int, ...] = flag((1, 2, 8), "device counts P on the mesh axis `depth` (host CPU "
+                                    "devices, made at start, without accelerators)")
+    width: int = flag(64, "features of the state and of the field's hidden layer")
+    batch: int = flag(128, "states solved at once")
+    horizon: float = flag(1.0, "depth T of the ODE: step h = T / N")
+    coarsening: int = flag(4, "MGRIT coarsening factor m")
+    iterations: int = flag(2, "forward MGRIT iterations K of the timed runs")
+    backward_iterations: int = flag(1, "adjoint MGRIT iterations K_b of the timed runs")
+    probe_iterations: int = flag(16, "the most iterations of the exactness and residual probe "
+                                 "(exact where N/m <= this)")
+    probe_max_depth: int = flag(4096, "the deepest network probed")
+    predict_depth: int = flag(4096, "depth N of the extrapolated speed-ups")
+    predict_devices: tuple[int, ...] = flag((8, 16, 32, 64, 128, 256, 512, 1024),
+                                            "device counts P of the extrapolated speed-ups")
+    repeats: int = flag(5, "timing samples (median)")
+    seed: int = flag(0, "seed of the parameters, the states and w")
+
+
+QUICK = {"depths": (64, 256), "repeats": 3, "probe_max_depth": 64}
+PASSES = ("forward", "forward_backward")
+
+
+# ---------------------------------------------------------------------------------------------
+# The work model.
+
+def work_model_speedup(devices: float, coarsening: float, iterations: float) -> float:
+    """S(P, m, K) = N / (N/m + K (N/P + N/m)): F-relaxation, equal step costs, no communication."""
+    return 1.0 / (1.0 / coarsening + iterations * (1.0 / devices + 1.0 / coarsening))
+
+
+def mgrit_seconds(depth: int, devices: int, coarsening: int, iterations: int, cores: int,
+                  sweep_step_s: float, relax_step_s: float, latency_s: float = 0.0) -> float:
+    """T_mgrit(P) of the docstring: the predicted wall time of one MGRIT solve."""
+    m, p = coarsening, devices
+    parallel = (depth / p) * (1 + 1 / m) * relax_step_s * p / min(p, cores)
+    collectives = (p + 3) * latency_s if p > 1 else 0.0
+    return (iterations + 1) * ((depth / m) * sweep_step_s + parallel + collectives)
+
+
+def relax_step_seconds(one_device_s: float, depth: int, coarsening: int, iterations: int,
+                       sweep_step_s: float) -> float:
+    """c_r such that `mgrit_seconds` on one device is `one_device_s`."""
+    m = coarsening
+    return (one_device_s / (iterations + 1) - (depth / m) * sweep_step_s) / (depth * (1 + 1 / m))
+
+
+def calibrate(cfg: Config, depth: int, serial_s: dict, one_device_s: dict) -> dict:
+    """Per-step costs (seconds) from the serial network and the one-device layer-parallel run."""
+    step = serial_s["forward"] / depth
+    adjoint = step + (serial_s["forward_backward"] - serial_s["forward"]) / depth
+    return {"sweep": step, "adjoint_sweep": adjoint,
+            "relax": relax_step_seconds(one_device_s["forward"], depth, cfg.coarsening,
+                                        cfg.iterations, step),
+            "adjoint_relax": relax_step_seconds(
+                one_device_s["forward_backward"] - one_device_s["forward"], depth,
+                cfg.coarsening, cfg.backward_iterations, adjoint)}
+
+
+def predicted_seconds(cfg: Config, depth: int, devices: int, cores: int, costs: dict,
+                      latency_s: float) -> dict:
+    """Predicted layer-parallel forward and forward+backward seconds for `calibrate`'s costs."""
+    forward = mgrit_seconds(depth, devices, cfg.coarsening, cfg.iterations, cores,
+                            costs["sweep"], costs["relax"], latency_s)
+    adjoint = mgrit_seconds(depth, devices, cfg.coarsening, cfg.backward_iterations, cores,
+                            costs["adjoint_sweep"], costs["adjoint_relax"], latency_s)
+    return {"forward": forward, "forward_backward": forward + adjoint}
+
+
+# ---------------------------------------------------------------------------------------------
+# The network and the timed functions.
+
+def make_field(cfg: Config, depth: int) -> neuralode.DepthStack:
+    return neuralode.DepthStack(
+        lambda rngs: neuralode.MLPField(cfg.width, hidden=cfg.width, layers=2,
+                                        param_dtype=jnp.float64, rngs=rngs),
+        depth, rngs=nnx.Rngs(cfg.seed))
+
+
+def inputs(cfg: Config):
+    """The initial states y0 and the loss weights w."""
+    key_y, key_w = jax.random.split(jax.random.key(cfg.seed))
+    return (jax.random.normal(key_y, (cfg.batch, cfg.width), jnp.float64),
+            jax.random.normal(key_w, (cfg.batch, cfg.width), jnp.float64))
+
+
+def output_fn(cfg: Config, graphdef, mgrit: MGRIT | None = None, mesh=None):
+    """(params, y0) -> (u_N, iterations done): serial for mgrit None, else layer-parallel."""
+    def output(params, y0):
+        field = nnx.merge(graphdef, params)
+        if mgrit is None:
+            ys = neuralode.odeint(field, y0, jnp.array([0.0, cfg.horizon]),
+                                  solver=neuralode.Euler(), substeps=field.depth)
+            return ys[-1], jnp.zeros((), jnp.int32)
+        sol = layer_parallel_solve(field, y0, 0.0, cfg.horizon, solver=neuralode.Euler(),
+                                   mgrit=mgrit, mesh=mesh)
+        return sol.ys[-1], sol.stats["iterations"]
+    return output
+
+
+def pass_fns(cfg: Config, graphdef, mgrit: MGRIT | None = None, mesh=None) -> dict:
+    """The jitted forward and forward+backward (params, y0, w) -> (u_N or loss, iterations or
+    parameter gradients) of one network."""
+    output = output_fn(cfg, graphdef, mgrit, mesh)
+
+    def loss(params, y0, w):
+        return jnp.sum(w * output(params, y0)[0])
+
+    return {"forward": jax.jit(lambda params, y0, w: output(params, y0)),
+            "forward_backward": jax.jit(jax.value_and_grad(loss))}
+
+
+def placed(field, y0, w, mesh=None):
+    """(field, y0, w) for a run on `mesh` (None: the default device): layers split by depth."""
+    if mesh is None:
+        return field, y0, w
+    field = nnx.clone(field)
+    shard_layers(field, mesh)
+    replicated = NamedSharding(mesh, Spec())
+    return field, jax.device_put(y0, replicated), jax.device_put(w, replicated)
+
+
+def collective_latency(cfg: Config, devices: int, rounds: int = 64) -> float:
+    """Seconds of one `ppermute` of a C-point (batch x width) around the ring of `devices`."""
+    if devices == 1:
+        return 0.0
+    mesh = depth_mesh(devices)
+    perm = [(p, (p + 1) % devices) for p in range(devices)]
+
+    def ring(x):
+        return lax.fori_loop(0, rounds, lambda _, x: lax.ppermute(x, "depth", perm), x)
+
+    fn = jax.jit(jax.shard_map(ring, mesh=mesh, in_specs=Spec("depth"), out_specs=Spec("depth")))
+    x = jax.device_put(jnp.ones((devices * cfg.batch, cfg.width)), NamedSharding(mesh, Spec("depth")))
+    return time_interleaved({"ring": fn}, {"ring": (x,)}, cfg.repeats)["ring"]["run_s"] / rounds
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements.
+
+def _max_error(a, b) -> float:
+    return float(max(np.max(np.abs(np.asarray(x) - np.asarray(y)))
+                     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+
+
+def _relative_error(a, b) -> float:
+    return float(max(np.max(np.abs(np.asarray(x) - np.asarray(y))) / np.max(np.abs(np.asarray(y)))
+                     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+
+
+def probe(cfg: Config, field, y0, w, devices: int) -> dict:
+    """MGRIT forward and adjoint for min(N/m, probe_iterations) iterations each on `devices`,
+    against the serial states and gradients: errors, residuals per iteration, rho."""
+    depth, mesh = field.depth, depth_mesh(devices)
+    iterations = min(depth // cfg.coarsening, cfg.probe_iterations)
+    mgrit = MGRIT(coarsening=cfg.coarsening, iterations=iterations,
+                  backward_iterations=iterations, fallback=False)
+    ts = jnp.linspace(0.0, cfg.horizon, depth + 1)
+
+    def serial(field, y0, w):
+        states = lambda field: neuralode.odeint(field, y0, ts, solver=neuralode.Euler())  # noqa: E731
+        return states(field), nnx.grad(lambda field: jnp.sum(w * states(field)[-1]))(field)
+
+    def parallel(field, y0, w):
+        return layer_parallel_vjp(field, y0, 0.0, cfg.horizon, w, solver=neuralode.Euler(),
+                                  mgrit=mgrit, mesh=mesh)
+
+    states, grads = nnx.jit(serial)(field, y0, w)
+    solution, (par_grads, _), backward = nnx.jit(parallel)(*placed(field, y0, w, mesh))
+    stats = {f"{name}_{key}": np.asarray(s[key]).tolist() for name, s in
+             (("forward", solution.stats), ("backward", backward))
+             for key in ("iterations", "residuals", "rho")}
+    return {"devices": devices, "iterations": iterations,
+            "exact": iterations == depth // cfg.coarsening,
+            "forward_error": _max_error(solution.ys, states),
+            "gradient_error": _relative_error(par_grads, nnx.state(grads, nnx.Param)), **stats}
+
+
+def measure_depth(cfg: Config, depth: int, counts: list[int], cores: int, latency: dict) -> dict:
+    """Time serial and layer-parallel passes at one depth; errors after K (K_b) iterations;
+    per-step costs; predicted times."""
+    field = make_field(cfg, depth)
+    graphdef = nnx.graphdef(field)
+    y0, w = inputs(cfg)
+    mgrit = MGRIT(coarsening=cfg.coarsening, iterations=cfg.iterations,
+                  backward_iterations=cfg.backward_iterations, fallback=False)
+    fns, args = {}, {}
+    for p in ["serial", *counts]:
+        mesh = None if p == "serial" else depth_mesh(p)
+        field_p, y0_p, w_p = placed(field, y0, w, mesh)
+        for name, fn in pass_fns(cfg, graphdef, None if mesh is None else mgrit, mesh).items():
+            fns[p, name], args[p, name] = fn, (nnx.state(field_p), y0_p, w_p)
+    compiled, compile_s = compile_all(fns, args)
+    outputs = {key: compiled[key](*args[key]) for key in fns}
+    times = time_alternating(blocking_calls(compiled, args), cfg.repeats, desc=f"N = {depth}")
+    seconds = {p: {n: times[p, n]["run_s"] for n in PASSES} for p in ["serial", *counts]}
+    costs = calibrate(cfg, depth, seconds["serial"], seconds[1])
+    row = {"depth": depth, "serial_s": seconds["serial"], "step_costs_s": costs,
+           "serial_compile_s": {n: compile_s["serial", n] for n in PASSES}, "parallel": {}}
+    for p in counts:
+        predicted = predicted_seconds(cfg, depth, p, cores, costs, latency[p])
+        speedup = {n: seconds["serial"][n] / seconds[p][n] for n in PASSES}
+        predicted_speedup = {n: seconds["serial"][n] / predicted[n] for n in PASSES}
+        row["parallel"][p] = {
+            "run_s": seconds[p], "predicted_s": predicted,
+            "compile_s": {n: compile_s[p, n] for n in PASSES},
+            "iterations": int(outputs[p, "forward"][1]),
+            "final_error": _max_error(outputs[p, "forward"][0], outputs["serial", "forward"][0]),
+            "final_gradient_error": _relative_error(outputs[p, "forward_backward"][1],
+                                                    outputs["serial", "forward_backward"][1]),
+            "speedup": speedup, "predicted_speedup": predicted_speedup,
+            "prediction_ratio": {n: predicted_speedup[n] / speedup[n] for n in PASSES}}
+    if depth <= cfg.probe_max_depth:
+        row["probe"] = probe(cfg, field, y0, w, counts[-1])
+    return row
+
+
+def extrapolate(cfg: Config, costs: dict, latency_s: float) -> dict:
+    """Predicted speed-ups at `predict_depth` on `predict_devices` devices, one core each."""
+    n = cfg.predict_depth
+    serial = {"forward": n * costs["sweep"], "forward_backward": n * costs["adjoint_sweep"]}
+    out = {}
+    for p in cfg.predict_devices:
+        seconds = predicted_seconds(cfg, n, p, p, costs, latency_s)
+        out[p] = {name: serial[name] / seconds[name] for name in PASSES}
+    return out
+
+
+def run(cfg: Config) -> dict:
+    jax.config.update("jax_enable_x64", True)
+    if 1 not in cfg.devices:
+        raise ValueError(f"--devices must include 1 (the run that calibrates the model), got "
+                         f"{cfg.devices}")
+    for depth in cfg.depths:
+        for p in cfg.devices:
+            if depth % (cfg.coarsening * p):
+                raise ValueError(f"--depths: N = {depth} is not divisible by coarsening m = "
+                                 f"{cfg.coarsening} times P = {p} devices")
+    try:
+        host_devices(max(cfg.devices))  # without accelerators; refused once JAX has run
+    except RuntimeError:
+        pass  # JAX already started in this process: the devices it has
+    available = jax.device_count()
+    counts = sorted(p for p in set(cfg.devices) if p <= available)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    platform = jax.default_backend()
+    print(f"{platform}: {available} devices, {cores} cores; measuring P = {counts}")
+    latency = {p: collective_latency(cfg, p) for p in counts}
+    rows = [measure_depth(cfg, depth, counts, cores, latency)
+            for depth in tqdm(cfg.depths, desc="depths")]
+
+    ratios = {f"N={row['depth']} P={p} {n}": entry["prediction_ratio"][n] for row in rows
+              for p, entry in row["parallel"].items() if p > 1 for n in PASSES}
+    prediction_error = max((abs(r - 1) for r in ratios.values()), default=None)
+    exact = [row["probe"] for row in rows if row.get("probe", {}).get("exact")]
+    largest = rows[-1]
+    predicted = extrapolate(cfg, largest["step_costs_s"], latency[counts[-1]])
+    note = (f"{platform} devices" if platform != "cpu" else
+            f"{available} host CPU devices in one process sharing {cores} cores: the F-relaxation "
+            f"of P > {cores} devices runs on {cores} cores, and MGRIT does (K + 1)(1 + 2/m) times "
+            "the serial work or more, so here it cannot beat the serial network")
+    table = {p: {f"{n}_{kind}": round(e[key][n], 3) for n in PASSES
+                 for kind, key in (("measured", "speedup"), ("predicted", "predicted_speedup"))}
+             for p, e in largest["parallel"].items()}
+    headline = {
+        "platform": platform, "cores": cores, "devices": counts, "depth": largest["depth"],
+        "speedup": table,
+        "prediction_error": None if prediction_error is None else round(prediction_error, 3),
+        "forward_error_exact": max((e["forward_error"] for e in exact), default=None),
+        "gradient_error": max((e["gradient_error"] for e in exact), default=None),
+        "final_error_K": largest["parallel"][counts[-1]]["final_error"],
+        "predicted_speedup_forward": {p: round(predicted[p]["forward"], 3)
+                                      for p in cfg.predict_devices[::3]}}
+    results = {
+        "headline": headline, "note": note, "platform": platform, "cores": cores,
+        "devices_available": available, "devices_measured": counts,
+        "collective_latency_s": latency, "depths": rows,
+        "forward_error_exact": headline["forward_error_exact"],
+        "gradient_error": headline["gradient_error"],
+        "prediction_error": prediction_error, "prediction_ratio": ratios,
+        "predicted_speedup": predicted,
+        "work_model_speedup": {p: work_model_speedup(p, cfg.coarsening, cfg.iterations)
+                               for p in cfg.predict_devices}}
+    plot(cfg, rows, counts)
+    return results
+
+
+def plot(cfg: Config, rows: list[dict], counts: list[int]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for i, row in enumerate(r for r in rows if "probe" in r):
+        for direction, style in (("forward", "-o"), ("backward", "--s")):
+            r = np.asarray(row["probe"][f"{direction}_residuals"], dtype=float)
+            ax.semilogy(np.arange(len(r)), r, style, color=f"C{i}", ms=3,
+                        label=f"N = {row['depth']}, {direction}")
+    ax.set(xlabel="MGRIT iteration (F-relaxation)", ylabel="residual norm (C-points)",
+           title=f"m = {cfg.coarsening}, {counts[-1]} devices")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure(cfg, fig, "bench_layer_parallel_residuals")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, name in zip(axes, PASSES):
+        for i, row in enumerate(rows):
+            entries = [row["parallel"][p] for p in counts]
+            ax.plot(counts, [e["speedup"][name] for e in entries], "o-", color=f"C{i}",
+                    label=f"N = {row['depth']} measured")
+            ax.plot(counts, [e["predicted_speedup"][name] for e in entries], "x:", color=f"C{i}",
+                    label=f"N = {row['depth']} predicted")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set(xscale="log", xticks=counts, xticklabels=[str(p) for p in counts],
+               xlabel="devices P", title=name.replace("_", "+"))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("speed-up over the serial network")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"layer-parallel vs serial: K = {cfg.iterations}, K_b = "
+                 f"{cfg.backward_iterations}, m = {cfg.coarsening}, {jax.default_backend()}")
+    save_figure(cfg, fig, "bench_layer_parallel_speedup")
+
+
+if __name__ == "__main__":
+    main(__name__, Config, run, QUICK)
