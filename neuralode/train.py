@@ -1,12 +1,14 @@
 """Training: an epoch loop around the train step of `neuralode.train_step` that resumes exactly.
 
 `train(model, dataset, config, workdir)` fits a model in place and returns the last epoch's
-metrics. In the run directory `workdir` (layout, lock and metrics file in `neuralode.rundir`) it
+metrics; `config` is a `TrainConfig` (with the optimiser it describes: `neuralode.train_config`).
+In the run directory `workdir` (layout, lock and metrics file in `neuralode.rundir`) it
 appends one JSON record per epoch to the metrics file and keeps the last `keep_checkpoints`
 checkpoints (one every `checkpoint_every` steps and one at the end, verified by checksums on
 restore: `neuralode.checkpoints`), each holding the model state (parameters and every other nnx
 variable: batch statistics, RNG streams), the optimiser state, the progress (step, epoch, batch
-within the epoch, the epoch's running metric sums) and the settings.
+within the epoch, the epoch's running metric sums) and the settings that identify the run
+(`neuralode.resume`, which refuses to resume a checkpoint under other settings).
 
 The data order of epoch `e` is drawn from `np.random.default_rng([config.seed, e])`, so a run
 resumed in the middle of an epoch regenerates that epoch's order and skips the batches already
@@ -25,8 +27,6 @@ logged with a `train_`/`test_` prefix.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import signal
 import sys
@@ -37,103 +37,21 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
 from neuralode import rundir
-from neuralode.checkpoints import ARRAYS_KEY, CheckpointStore, layout_differences
+from neuralode.checkpoints import CheckpointStore
 from neuralode.data import Dataset, batches, num_batches, random_shift, validate_dataset
 from neuralode.parallel.data import data_parallel_eval_step, data_parallel_train_step
+from neuralode.resume import restore, run_identity
 from neuralode.rundir import read_metrics
+from neuralode.train_config import TrainConfig, learning_rate_schedule, make_optimizer
 from neuralode.train_step import (LossFn, classification_loss, classification_metrics, make_eval_step,
                                   make_train_state, make_train_step, param_dtype)
 
-SCHEDULES = ("constant", "cosine")
-OPTIMIZERS = ("adamw", "sgd")
-# Config fields that may change between a run and its resumption without changing the numbers.
-_RESUMABLE_CHANGES = frozenset({"checkpoint_every", "keep_checkpoints", "progress"})
-
 __all__ = ["TrainConfig", "classification_loss", "classification_metrics", "learning_rate_schedule",
            "make_optimizer", "make_train_state", "make_train_step", "param_dtype", "read_metrics", "train"]
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines a training run, besides the model and the data.
-
-    `schedule` is "constant" or "cosine" (decay to 0 over the run), after `warmup_steps` of linear
-    warm-up from 0. `optimizer` is "adamw" (decoupled `weight_decay`) or "sgd" (Nesterov momentum
-    0.9, `weight_decay` added to the gradient). `grad_clip_norm` clips the global gradient norm.
-    `augment_shift` > 0 translates every training example by a random offset of up to that many
-    pixels (samples) per spatial axis, drawn from the `batch`-th child of the epoch's seed sequence
-    `SeedSequence([seed, epoch])` (whose root draws the order), so a resumed run sees the same batches.
-    """
-
-    epochs: int = 10
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-4
-    grad_clip_norm: float | None = None
-    augment_shift: int = 0
-    seed: int = 0
-    eval_batch_size: int = 1000
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    progress: bool = True
-
-    def __post_init__(self):
-        positive_ints = ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "keep_checkpoints")
-        for name in positive_ints:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TrainConfig.{name}: expected a positive integer, found {value!r}")
-        for name in ("warmup_steps", "augment_shift", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"TrainConfig.{name}: expected an integer >= 0, found {value!r}")
-        for name, bound in (("learning_rate", "> 0"), ("weight_decay", ">= 0"), ("grad_clip_norm", "> 0")):
-            value, optional = getattr(self, name), "None or " if name == "grad_clip_norm" else ""
-            if optional and value is None:
-                continue
-            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not (number and (value > 0 if bound == "> 0" else value >= 0)):
-                raise ValueError(f"TrainConfig.{name}: expected {optional}a finite number {bound}, found {value!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"TrainConfig.schedule: unknown {self.schedule!r}, expected one of {SCHEDULES}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"TrainConfig.optimizer: unknown {self.optimizer!r}, expected one of {OPTIMIZERS}")
-
-
-def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
-    """Linear warm-up over `config.warmup_steps`, then constant or cosine decay to 0 at the end."""
-    peak = config.learning_rate
-    warmup = min(config.warmup_steps, total_steps)
-    if config.schedule == "cosine":
-        after = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))
-    else:
-        after = optax.constant_schedule(peak)
-    if warmup == 0:
-        return after
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
-
-
-def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """The optax transformation `config` describes, over a run of `total_steps` steps."""
-    schedule = learning_rate_schedule(config, total_steps)
-    if config.optimizer == "adamw":
-        tx = optax.adamw(schedule, weight_decay=config.weight_decay)
-    else:
-        tx = optax.chain(
-            optax.add_decayed_weights(config.weight_decay),
-            optax.sgd(schedule, momentum=0.9, nesterov=True),
-        )
-    if config.grad_clip_norm is not None:
-        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-    return tx
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -247,8 +165,7 @@ def train(
     graphdef, state = make_train_state(model, make_optimizer(config, total_steps))
     train_step = (make_train_step(graphdef, loss_fn) if mesh is None
                   else data_parallel_train_step(graphdef, loss_fn, mesh))
-    identity = {"config": dataclasses.asdict(config), "dataset": _describe(dataset),
-                "model_config": json.loads(json.dumps(model_config or {}))}  # tuples as the JSON lists
+    identity = run_identity(config, dataset, model_config)
 
     with _StopOnSignal() as stop, rundir.lock(workdir), CheckpointStore(
             rundir.checkpoints_dir(workdir), keep=config.keep_checkpoints, every=config.checkpoint_every) as store:
@@ -258,7 +175,8 @@ def train(
         store.check_writable(state)
         progress = _Progress()
         if resume:
-            state, progress = _restore(store, state, identity)
+            state, record = restore(store, state, identity)
+            progress = _Progress(**{f.name: record[f.name] for f in dataclasses.fields(_Progress)})
             rundir.write_metrics(workdir, [r for r in read_metrics(workdir) if r["epoch"] <= progress.epoch])
         schedule = learning_rate_schedule(config, total_steps)
         bar = tqdm(total=total_steps, initial=progress.step, disable=not config.progress, desc="train")
@@ -361,52 +279,3 @@ def _save(store: CheckpointStore, stop: _StopOnSignal, state: nnx.State, progres
     store.save(progress.step, state, record, force=force or stop.received is not None)
     if stop.received is not None:
         stop.stop(progress.step, store.directory)
-
-
-def _restore(store: CheckpointStore, state: nnx.State, identity: dict[str, Any]) -> tuple[nnx.State, _Progress]:
-    """The newest usable checkpoint, after checking (on the record alone, before any array is read)
-    that it comes from the same settings, data and array shapes."""
-    newest = store.newest_record()
-    if newest is not None:
-        _check_resumable(newest, identity, state)
-    state, record = store.restore(state)
-    _check_resumable(record, identity, state)
-    return state, _Progress(**{f.name: record[f.name] for f in dataclasses.fields(_Progress)})
-
-
-def _check_resumable(record: dict[str, Any], identity: dict[str, Any], state: nnx.State) -> None:
-    _check_config_matches(record["config"], identity["config"])
-    _check_model_config_matches(record.get("model_config"), identity["model_config"])
-    if record["dataset"] != identity["dataset"]:
-        raise ValueError(f"dataset: checkpoint was trained on {record['dataset']}, now {identity['dataset']}")
-    differences = layout_differences(record.get(ARRAYS_KEY) or {}, state) if ARRAYS_KEY in record else []
-    if differences:
-        shown = differences[:8] + ([f"... and {len(differences) - 8} more"] if len(differences) > 8 else [])
-        raise ValueError("model: its arrays differ from the checkpointed run's (built with other settings?):\n  "
-                         + "\n  ".join(shown))
-
-
-def _check_config_matches(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    saved = {**defaults, **saved}  # a field added since the checkpoint was written has its default
-    changed = {k: (saved[k], v) for k, v in current.items() if saved[k] != v and k not in _RESUMABLE_CHANGES}
-    _refuse_changes("config", changed)
-
-
-def _check_model_config_matches(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
-    if saved is None:  # a checkpoint from before model configs were recorded: nothing to compare
-        return
-    names = sorted(set(saved) | set(current))
-    _refuse_changes("model_config", {k: (saved.get(k), current.get(k)) for k in names
-                                     if saved.get(k) != current.get(k)})
-
-
-def _refuse_changes(argument: str, changed: dict[str, tuple[Any, Any]]) -> None:
-    if changed:
-        details = ", ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in changed.items())
-        raise ValueError(f"{argument}: resuming with settings that differ from the checkpointed run ({details})")
-
-
-def _describe(dataset: Dataset) -> dict[str, Any]:
-    return {"name": dataset.name, "train": list(dataset.x_train.shape), "test": list(dataset.x_test.shape),
-            "num_classes": int(dataset.num_classes)}

@@ -23,6 +23,7 @@ from neuralode import rundir
 from neuralode.checkpoints import UNUSABLE_DIR, host_arrays
 from neuralode import train as training
 from neuralode.data import Dataset
+from neuralode.resume import check_config_matches, check_model_config_matches
 from neuralode.rundir import CHECKPOINTS_DIR, METRICS_FILE, read_metrics
 from neuralode.train import TrainConfig, learning_rate_schedule, make_train_state, make_train_step, train
 
@@ -166,9 +167,9 @@ def test_resume_mid_epoch_with_shift_augmentation_is_bitwise_equal(reference, tm
 def test_checkpoint_written_before_a_config_field_existed_resumes_with_its_default():
     saved = dataclasses.asdict(train_script.CONFIG)
     del saved["augment_shift"]  # checkpoints from before augmentation was added
-    training._check_config_matches(saved, dataclasses.asdict(train_script.CONFIG))
+    check_config_matches(saved, dataclasses.asdict(train_script.CONFIG))
     with pytest.raises(ValueError, match="augment_shift: checkpoint 0, now 1"):
-        training._check_config_matches(saved, dataclasses.asdict(dataclasses.replace(train_script.CONFIG, augment_shift=1)))
+        check_config_matches(saved, dataclasses.asdict(dataclasses.replace(train_script.CONFIG, augment_shift=1)))
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path):
@@ -181,7 +182,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path):
         train(model, train_script.tiny_dataset(), train_script.CONFIG, workdir, resume=True)
     messages = [str(w.message) for w in caught]
     assert len(messages) == 2
-    assert "checkpoints/40 is unusable" in messages[0] and "trying the previous one" in messages[0]
+    assert f"{CHECKPOINTS_DIR}/40 is unusable" in messages[0] and "trying the previous one" in messages[0]
     assert "moved unusable checkpoint of step 40 to" in messages[1]
     # Restored step 35, trained the last 5 steps again, and got the same parameters.
     assert_params_bitwise_equal(train_script.flat_params(model), ref_params)
@@ -208,7 +209,7 @@ def test_resume_of_a_finished_run_skips_a_torn_metrics_line(reference, tmp_path)
 def test_resume_without_usable_checkpoint_is_a_clear_error(reference, tmp_path):
     ref_workdir, _, _, _ = reference
     data = train_script.tiny_dataset()
-    with pytest.raises(FileNotFoundError, match="resume=True but .*checkpoints holds no checkpoint"):
+    with pytest.raises(FileNotFoundError, match=f"resume=True but .*{CHECKPOINTS_DIR} holds no checkpoint"):
         train(train_script.make_model(), data, train_script.CONFIG, tmp_path / "empty", resume=True)
     workdir = tmp_path / "run"
     shutil.copytree(ref_workdir, workdir)
@@ -247,7 +248,7 @@ def test_resume_with_another_model_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"model_config: resuming with settings that differ from the "
                        r"checkpointed run \(kinetic_weight: checkpoint 0.0001, now 1e-05, norm: checkpoint None, now True\)"):
         train(train_script.make_model(), data, config, tmp_path, resume=True, model_config=changed)
-    training._check_model_config_matches(None, changed)  # checkpoints from before the record: not compared
+    check_model_config_matches(None, changed)  # checkpoints from before the record: not compared
 
 
 def test_model_with_wrong_logits_is_refused(tmp_path):
