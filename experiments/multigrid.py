@@ -93,8 +93,7 @@ def learned_vs_classical(cfg: Config, model: MultigridUNet):
     e0 = jax.random.normal(jax.random.key(7), (n - 1, n - 1))
     rho = nnx.jit(lambda m: jax.vmap(lambda op: factor_of(m, op, e0, cfg.power_iterations))(ops))
     learned = np.asarray(rho(model))
-    classical = {f"omega={w:.3g}": np.asarray(rho(MultigridUNet.from_stencils(n, nu1=cfg.nu1, nu2=cfg.nu2,
-                                                                             omega=w)))
+    classical = {f"omega={w:.3g}": np.asarray(rho(MultigridUNet(n, nu1=cfg.nu1, nu2=cfg.nu2, omega=w)))
                  for w in (2 / 3, 0.8)}
     best = np.minimum(*classical.values())
     return {"learned": learned, "classical": classical, "ratio_per_field": learned / best,
@@ -135,7 +134,7 @@ def histories(cfg: Config, model: MultigridUNet):
     f = jax.random.normal(jax.random.key(3), (n - 1, n - 1))
     zero = jnp.zeros_like(f)
     levels = mg.hierarchy(op)
-    stencil_net = MultigridUNet.from_stencils(n, nu1=cfg.nu1, nu2=cfg.nu2, omega=0.8)
+    stencil_net = MultigridUNet(n, nu1=cfg.nu1, nu2=cfg.nu2, omega=0.8)
     steps = {
         "jacobi": lambda u: mg.jacobi(op, u, f, 0.8),
         "gauss_seidel": lambda u: mg.gauss_seidel(op, u, f),

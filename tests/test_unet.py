@@ -17,11 +17,11 @@ def _classical(op, f, galerkin, cycles, omega, nu1=2, nu2=1):
 
 
 @pytest.mark.parametrize("galerkin,variable", [(False, False), (True, False), (True, True)])
-def test_from_stencils_reproduces_classical_vcycles(galerkin, variable):
+def test_the_initial_network_is_the_classical_vcycle(galerkin, variable):
     n, cycles, omega = 32, 3, 0.8
     op = mg.diffusion(mg.lognormal_coefficients(jax.random.key(1), n)) if variable else mg.Poisson(n)
     f = jnp.asarray(np.random.default_rng(0).standard_normal(op.shape))
-    model = MultigridUNet.from_stencils(n, cycles=cycles, omega=omega, galerkin=galerkin)
+    model = MultigridUNet(n, cycles=cycles, omega=omega, galerkin=galerkin)
     u_net = jax.jit(lambda f: model(f, op))(f)
     u_mg = jax.jit(lambda f: _classical(op, f, galerkin, cycles, omega))(f)
     np.testing.assert_allclose(u_net, u_mg, rtol=0, atol=1e-12 * float(jnp.max(jnp.abs(u_mg))))
@@ -33,7 +33,7 @@ def test_error_propagation_factor_matches_residual_decay():
     # The U-Net with f = 0 is the error propagation; its spectral radius for V(2,1) weighted Jacobi
     # on 2-D Poisson is about 0.1-0.2 (Trottenberg et al. 2001, ch. 2), independent of the weights' origin.
     n = 32
-    model = MultigridUNet.from_stencils(n, galerkin=False)
+    model = MultigridUNet(n, galerkin=False)
     op, zero = mg.Poisson(n), jnp.zeros((n - 1, n - 1))
     e0 = jnp.asarray(np.random.default_rng(1).standard_normal(op.shape))
     rho = float(jax.jit(lambda e: mg.convergence_factor(lambda e: model(zero, op, e), e, 40))(e0))
@@ -42,7 +42,7 @@ def test_error_propagation_factor_matches_residual_decay():
 
 def test_gradients_reach_every_stencil_and_one_step_lowers_the_loss():
     n = 8
-    model = MultigridUNet.from_stencils(n, cycles=1, omega=0.5)
+    model = MultigridUNet(n, cycles=1, omega=0.5)
     keys = jax.random.split(jax.random.key(0), 4)
     ops = jax.vmap(lambda k: mg.diffusion(mg.lognormal_coefficients(k, n)))(keys)
     fs = jax.random.normal(jax.random.key(1), (4, n - 1, n - 1))
@@ -80,7 +80,7 @@ def test_bad_input_is_named():
         jax.jit(lambda f: model(f, mg.Poisson(16)))(jnp.full((15, 15), jnp.inf))
 
 
-def test_from_stencils_sets_the_transfer_stencils_of_every_level():
+def test_given_stencils_are_the_transfer_stencils_of_every_level():
     n = 16
     op = jax.jit(lambda key: mg.diffusion(mg.lognormal_coefficients(key, n)))(jax.random.key(2))
     f = jnp.asarray(np.random.default_rng(0).standard_normal(op.shape))
@@ -88,20 +88,20 @@ def test_from_stencils_sets_the_transfer_stencils_of_every_level():
     rng = np.random.default_rng(1)
     for param in (trained.restriction, trained.prolongation):
         param[...] = param[...] * (1 + 0.1 * rng.standard_normal(param.shape))
-    copy = MultigridUNet.from_stencils(n, omega=0.7, restriction=trained.restriction[...],
-                                       prolongation=trained.prolongation[...])
+    copy = MultigridUNet(n, omega=0.7, restriction=trained.restriction[...],
+                         prolongation=trained.prolongation[...])
     forward = nnx.jit(lambda model, f: model(f, op))  # one compilation for both models
     np.testing.assert_array_equal(forward(copy, f), forward(trained, f))
-    shared = MultigridUNet.from_stencils(n, restriction=mg.full_weighting(2) / 2)
+    shared = MultigridUNet(n, restriction=mg.full_weighting(2) / 2)
     np.testing.assert_array_equal(shared.restriction[...], np.broadcast_to(mg.full_weighting(2) / 2, (3, 3, 3)))
     with pytest.raises(ValueError, match=r"restriction must be a 3x3 stencil or one per level, shape \(3, 3"):
-        MultigridUNet.from_stencils(n, restriction=np.ones((2, 3, 3)))
+        MultigridUNet(n, restriction=np.ones((2, 3, 3)))
 
 
 def test_rediscretised_coarse_operators_for_a_diffusion_stencil():
     # galerkin=False: the network coarsens the coefficient field like multigrid.hierarchy does, to
     # 5-point stencils (Galerkin products have 9 points); with the same operators its cycle is the
-    # classical one (test_from_stencils_reproduces_classical_vcycles)
+    # classical one (test_the_initial_network_is_the_classical_vcycle)
     n = 16
     op = jax.jit(lambda key: mg.diffusion(mg.lognormal_coefficients(key, n)))(jax.random.key(3))
     model = MultigridUNet(n, galerkin=False)

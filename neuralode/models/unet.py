@@ -17,8 +17,8 @@ convolution, whereas red-black Gauss-Seidel is two masked half-sweeps and not a 
 Parameters (per level, all of them stencils of the classical method): relaxation weights
 omega_{l,s} for every pre- and post-smoothing sweep, restriction stencils R_l and prolongation
 stencils P_l. They start at the classical cycle's (omega, full weighting, bilinear interpolation),
-where the forward pass equals the classical V-cycle to rounding (tests: 1e-12);
-`MultigridUNet.from_stencils` sets other transfer stencils.
+where the forward pass equals the classical V-cycle to rounding (tests: 1e-12); the constructor
+takes other transfer stencils.
 
 Variable coefficients: the network takes the fine operator as an input (the physics, not learned)
 and builds its coarse operators as Galerkin products A_{l+1} = R_l A_l P_l from its own current
@@ -49,11 +49,14 @@ class MultigridUNet(nnx.Module):
     """
 
     def __init__(self, n: int, *, nu1: int = 2, nu2: int = 1, cycles: int = 1, omega: float = 0.8,
-                 galerkin: bool = True):
-        """The classical V(nu1, nu2)-cycle, where learning starts: relaxation weight omega for every
-        sweep, full weighting and bilinear interpolation on every level. With galerkin=True the coarse
-        operators are the Galerkin products of the network's own transfer stencils; with False they
-        are rediscretised, as in `multigrid.hierarchy(op, galerkin=False)`."""
+                 galerkin: bool = True, restriction=None, prolongation=None):
+        """V(nu1, nu2)-cycles with relaxation weight omega for every sweep and the given transfer
+        stencils: one 3x3 stencil for every level, or one per level, shape (depth, 3, 3), depth =
+        log2(n) - 1. None (the default) is full weighting / bilinear interpolation on every level,
+        so `MultigridUNet(n, omega=w)` is the classical cycle with Jacobi weight w, where learning
+        starts. With galerkin=True the coarse operators are the Galerkin products of the network's
+        own transfer stencils; with False they are rediscretised, as in
+        `multigrid.hierarchy(op, galerkin=False)`."""
         mg.check_grid_size("n", n)
         for name, v, minimum in (("nu1", nu1, 0), ("nu2", nu2, 0), ("cycles", cycles, 1)):
             mg.check_count(name, v, minimum)
@@ -63,24 +66,8 @@ class MultigridUNet(nnx.Module):
         depth = int(math.log2(n)) - 1  # levels with a coarser level below them
         self.pre_omega = nnx.Param(jnp.asarray(np.full((depth, nu1), omega)))  # not weak-typed
         self.post_omega = nnx.Param(jnp.asarray(np.full((depth, nu2), omega)))
-        self.restriction = nnx.Param(jnp.broadcast_to(jnp.asarray(mg.full_weighting(2)), (depth, 3, 3)))
-        self.prolongation = nnx.Param(jnp.broadcast_to(jnp.asarray(mg.bilinear(2)), (depth, 3, 3)))
-
-    @classmethod
-    def from_stencils(cls, n: int, *, restriction=None, prolongation=None, **options) -> "MultigridUNet":
-        """`cls(n, **options)` with the given transfer stencils: one 3x3 stencil for every level, or
-        one per level, shape (depth, 3, 3). None keeps full weighting / bilinear interpolation, so
-        `from_stencils(n, omega=w)` is the classical cycle with Jacobi weight w."""
-        model = cls(n, **options)
-        for name, stencil in (("restriction", restriction), ("prolongation", prolongation)):
-            if stencil is not None:
-                param = getattr(model, name)
-                value = jnp.asarray(stencil, param.dtype)
-                if value.shape not in ((3, 3), param.shape):
-                    raise ValueError(f"{name} must be a 3x3 stencil or one per level, shape {param.shape}, "
-                                     f"got {value.shape}")
-                param[...] = jnp.broadcast_to(value, param.shape)
-        return model
+        self.restriction = nnx.Param(_per_level("restriction", restriction, mg.full_weighting(2), depth))
+        self.prolongation = nnx.Param(_per_level("prolongation", prolongation, mg.bilinear(2), depth))
 
     def operators(self, operator) -> list:
         """The operator on every level, finest first."""
@@ -122,3 +109,14 @@ class MultigridUNet(nnx.Module):
         u0 = given.get("u0", jnp.zeros_like(f))
         ops = self.operators(operator)
         return jax.lax.fori_loop(0, cycles, lambda _, u: self.v_cycle(ops, u, f), u0)
+
+
+def _per_level(name: str, stencil, default: np.ndarray, depth: int) -> jax.Array:
+    """`stencil` (None: `default`), a 3x3 stencil or one per level, as an array (depth, 3, 3) of
+    the default's dtype."""
+    default = jnp.asarray(default)
+    value = default if stencil is None else jnp.asarray(stencil, default.dtype)
+    if value.shape not in ((3, 3), (depth, 3, 3)):
+        raise ValueError(f"{name} must be a 3x3 stencil or one per level, shape {(depth, 3, 3)}, "
+                         f"got {value.shape}")
+    return jnp.broadcast_to(value, (depth, 3, 3))
