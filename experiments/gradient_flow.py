@@ -164,6 +164,11 @@ def update_sizes(cfg: Config) -> dict:
         loss = optax.sigmoid_binary_cross_entropy(model(x)[:, 0], y).mean()
         return loss, {"loss": loss}
 
+    def kernel_gradient_norms(grads):  # of the Linear layers (every other entry, between sigmoids)
+        layers = range(0, 2 * cfg.adam_depth + 1, 2)
+        return {"kernel_gradient_norms": jnp.stack([jnp.linalg.norm(grads["layers"][i]["kernel"][...])
+                                                    for i in layers])}
+
     results = {}
     for name, tx in [("sgd", optax.sgd(0.1)), ("adam", optax.adam(1e-3)),
                      ("adam_eps0", optax.adam(1e-3, eps=0.0, eps_root=1e-300))]:
@@ -173,20 +178,16 @@ def update_sizes(cfg: Config) -> dict:
             layers += [nnx.Linear(cfg.width, cfg.width, rngs=rngs, param_dtype=F64), jax.nn.sigmoid]
         model = nnx.Sequential(*layers, nnx.Linear(cfg.width, 1, rngs=rngs, param_dtype=F64))
         graphdef, state = make_train_state(model, tx)
-        step = make_train_step(graphdef, loss_fn)
-        gradient = jax.jit(lambda model_state, graphdef=nnx.graphdef(model): nnx.grad(
-            lambda m: loss_fn(m, x, y)[0])(nnx.merge(graphdef, model_state)))
+        step = make_train_step(graphdef, loss_fn, gradient_metrics=kernel_gradient_norms)
 
         kernels = lambda: [np.asarray(l.kernel[...]) for l in analysis.linear_layers(model)]
         relative, grad_norms = [], []
         for _ in range(cfg.adam_steps):
             before = kernels()
-            grads = gradient(state["model"])  # the gradient the step applies
-            state, _ = step(state, x, y)
+            state, metrics = step(state, x, y)
             nnx.update(model, state["model"])
             relative.append([np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(kernels(), before)])
-            grad_norms.append([float(jnp.linalg.norm(grads["layers"][i]["kernel"][...]))
-                               for i in range(0, 2 * cfg.adam_depth + 1, 2)])
+            grad_norms.append(np.asarray(metrics["kernel_gradient_norms"]))
         rel = np.mean(relative, axis=0)
         results[name] = {"relative_update_per_layer": rel, "first_over_last": float(rel[0] / rel[-2]),
                          "max_over_min": float(rel[:-1].max() / rel[:-1].min())}
@@ -308,7 +309,7 @@ def run(cfg: Config) -> dict:
     return {"headline": headline, "claims": claims, "closed_forms": closed, "scalar_chains": chain,
             "stacks": stacks, "eigenvalue_shift": {"max_error": shift["max_shift_error"]},
             "branch_scale": variance, "activations": activation,
-            "update_sizes": {k: {kk: vv for kk, vv in v.items()} for k, v in updates.items()}}
+            "update_sizes": updates}
 
 
 if __name__ == "__main__":

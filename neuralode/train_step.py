@@ -78,16 +78,21 @@ def make_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> tup
     return nnx.split({"model": model, "optimizer": nnx.Optimizer(model, tx, wrt=nnx.Param)})
 
 
-def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn) -> TrainStep:
+def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
+                    gradient_metrics: Callable[[nnx.State], dict[str, jax.Array]] | None = None) -> TrainStep:
     """The jitted optimiser step `step(state, *batch) -> (state, metrics)` for the graph definition
     of `make_train_state`: the gradient of `loss_fn(model, *batch) -> (loss, metrics)` with respect
-    to the parameters, applied by the optimiser. Pure: nothing outside `state` is read or changed."""
+    to the parameters, applied by the optimiser. Pure: nothing outside `state` is read or changed.
+    `gradient_metrics(grads) -> {name: array}` adds measurements of the gradient the step applies
+    (an `nnx.State` like the model's parameters: per-layer norms, say) to the metrics."""
 
     @jax.jit
     def step(state: nnx.State, *batch: Any) -> tuple[nnx.State, dict[str, jax.Array]]:
         parts = nnx.merge(graphdef, state)
         model, optimizer = parts["model"], parts["optimizer"]
         (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, *batch)
+        if gradient_metrics is not None:
+            metrics = {**metrics, **gradient_metrics(grads)}
         with jax.numpy_dtype_promotion("standard"):  # optax computes `decay ** count` (float ** int32)
             optimizer.update(model, grads)
         return nnx.state(parts), metrics
