@@ -8,7 +8,7 @@ reported) as float64 defect correction, each cycle run in `--cycle-dtype` (float
 mixed precision, half the bytes per sweep; the float64 residual still reaches rtol, checked against
 scipy's matrix). Pure float64 cycles are timed beside it in the same run and reported too.
 pyamg: `ruge_stuben_solver(A)` setup + `solve(b, tol=rtol)` (its default V-cycle, no Krylov
-acceleration), timed together as the issue asks. scipy: `spsolve` (SuperLU). Timings are medians over
+acceleration), setup and solve timed together. scipy: `spsolve` (SuperLU). Timings are medians over
 repeats run in alternation, so machine load hits both alike. pyamg and scipy are dev-only
 dependencies and are imported here only.
 

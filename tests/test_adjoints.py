@@ -264,7 +264,7 @@ def van_der_pol(t, y, args):
 def test_backsolve_reports_an_unstable_reconstruction():
     """Van der Pol (mu = 1) from (2, 0): the limit cycle attracts forwards, so the backwards solve
     drifts off it. Over [0, 14] at tolerance 1e-8 the continuous adjoint's gradient is 4 % off
-    (over [0, 20] at 1e-10, the issue's example: 23 %; [0, 20] at 1e-8 has the wrong sign)."""
+    (over [0, 20] at 1e-10: 23 %; over [0, 20] at 1e-8 it has the wrong sign)."""
     ts, y0 = jnp.array([0.0, 14.0]), jnp.array([2.0, 0.0])
     with pytest.warns(no.ReconstructionWarning, match=r"Use adjoint=DiscreteAdjoint\(\).*"
                                                       r"mismatch = 0.0\d"):
