@@ -481,3 +481,21 @@ def test_train_step_is_pure_and_equals_an_nnx_optimizer_loop():
     for _ in range(4):
         nnx_step(reference, optimizer, x, y)
     assert_params_bitwise_equal(train_script.flat_params(model), train_script.flat_params(reference))
+
+
+def test_gradient_metrics_measure_the_gradient_the_step_applies():
+    """With SGD at learning rate 1 the parameters move by minus the gradient, whose norm the step
+    reports through `gradient_metrics` (computed from the same gradient, not a second one)."""
+    data = train_script.tiny_dataset()
+    x, y = jnp.asarray(data.x_train[:16], jnp.float64), jnp.asarray(data.y_train[:16])
+    model = train_script.make_model()
+    model.eval()
+    graphdef, state = make_train_state(model, optax.sgd(1.0))
+    norm = lambda tree: jnp.sqrt(sum(jnp.sum(leaf ** 2) for leaf in jax.tree.leaves(tree)))  # noqa: E731
+    step = make_train_step(graphdef, training.classification_loss,
+                           gradient_metrics=lambda grads: {"gradient_norm": norm(grads)})
+    after, metrics = step(state, x, y)
+    assert set(metrics) == {"loss", "cross_entropy", "accuracy", "gradient_norm"}
+    moved = jax.tree.map(lambda a, b: a - b, nnx.state(after["model"], nnx.Param),
+                         nnx.state(state["model"], nnx.Param))
+    np.testing.assert_allclose(float(metrics["gradient_norm"]), float(norm(moved)), rtol=1e-12)
