@@ -89,15 +89,20 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
     @jax.jit
     def step(state: nnx.State, *batch: Any) -> tuple[nnx.State, dict[str, jax.Array]]:
         parts = nnx.merge(graphdef, state)
-        model, optimizer = parts["model"], parts["optimizer"]
-        (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, *batch)
+        (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(parts["model"], *batch)
         if gradient_metrics is not None:
             metrics = {**metrics, **gradient_metrics(grads)}
-        with jax.numpy_dtype_promotion("standard"):  # optax computes `decay ** count` (float ** int32)
-            optimizer.update(model, grads)
-        return nnx.state(parts), metrics
+        return apply_gradients(parts, grads), metrics
 
     return step
+
+
+def apply_gradients(parts: dict[str, nnx.Module], grads: nnx.State) -> nnx.State:
+    """The optimiser update of `parts = nnx.merge(graphdef, state)` (`make_train_state`'s model and
+    optimizer) by the parameter gradient `grads`, in place; returns the new state."""
+    with jax.numpy_dtype_promotion("standard"):  # optax computes `decay ** count` (float ** int32)
+        parts["optimizer"].update(parts["model"], grads)
+    return nnx.state(parts)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn) -> Callable[..., dict[str, jax.Array]]:

@@ -51,9 +51,9 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as Spec
 
-DATA = "data"
+from neuralode.train_step import LossFn, apply_gradients
 
-LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+DATA = "data"
 
 
 def data_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
@@ -210,12 +210,9 @@ def data_parallel_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh
     @functools.partial(jax.jit, out_shardings=replicated)
     def update(state, grads, changed, metrics):
         parts = nnx.merge(graphdef, state)
-        model, optimizer = parts["model"], parts["optimizer"]
-        nnx.update(model, jax.tree.map(_reduce_changed, changed))
+        nnx.update(parts["model"], jax.tree.map(_reduce_changed, changed))
         grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)  # the all-reduce
-        with jax.numpy_dtype_promotion("standard"):  # optax computes `decay ** count` (float ** int32)
-            optimizer.update(model, grads)
-        return nnx.state(parts), _device_means(metrics, size)
+        return apply_gradients(parts, grads), _device_means(metrics, size)
 
     def step(state: nnx.State, *batch: Any) -> tuple[nnx.State, dict[str, jax.Array]]:
         nonlocal per_device
