@@ -1,4 +1,4 @@
-"""Measuring what a network does to signals and gradients: the tools behind the claims in CLAIMS.md.
+"""Measuring what a network does to signals and gradients: the tools behind the claims in docs/claims.md.
 
 Everything here differentiates real functions (nnx modules, `odeint` solves) with JAX's autodiff;
 the closed forms these measurements are checked against live in the tests and experiments.

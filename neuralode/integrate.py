@@ -1,6 +1,6 @@
 """`odeint` and `solve`: validation, dispatch to the fixed-step loops or to diffrax, statistics.
 
-Errors come in three tiers (DESIGN.md, `neuralode.validation`): static misuse raises
+Errors come in three tiers (docs/design.md, `neuralode.validation`): static misuse raises
 ValueError/TypeError before tracing, naming the argument; values are checked eagerly when concrete
 and with `equinox.error_if` under `jit`; solver failure (max_steps reached, a vector field that
 returns nan/inf) is `Solution.result`, and raises unless `solve(..., throw=False)`.
