@@ -13,32 +13,35 @@ K_b adjoint iterations (`jax.grad` through its custom_vjp), no fallback, so that
 iterations it is timed for. Without accelerators the devices are host CPU devices made in this
 process (`neuralode.parallel.host_devices`); they share the machine's `cores`.
 
-Checks: with N/m iterations (forward and adjoint) MGRIT is exact, so `forward_error_exact`
-(max |layer-parallel - serial| over every state) and `gradient_error` (relative, of
-`layer_parallel_vjp`'s parameter gradients) are at rounding; `probe_iterations` caps them at the
-depths where N/m is larger, which still give the residual per iteration (the figure).
+Checks: N/m iterations (forward and adjoint) make MGRIT exact, so `forward_error_exact` (max
+|layer-parallel - serial| over every state) and `gradient_error` (relative, `layer_parallel_vjp`'s
+parameter gradients) are at rounding; where N/m > `probe_iterations` the probe gives the residual
+per iteration only (the figure).
 
 The work model, derived from `neuralode.parallel.mgrit.solve`: K corrections are K + 1 rounds
 (the first coarse sweep is the initial guess) of a serial coarse sweep, N/m coarse steps
 (pipelined: each device steps its N/(mP) intervals once the one before has sent its last value),
 then on every device at once the F-relaxation, N/P fine steps, and the coarse steps of the FAS
 correction, N/(mP); and P + 3 collectives (P pipeline hand-offs, one hand-off of interval starts,
-two norms). P devices on C cores run the parallel part on min(P, C) cores:
+two norms). The parallel part runs on the devices' concurrency C_P (P with a core per device):
 
-    T_mgrit(P) = (K + 1) [ (N/m) c_s + (N/P)(1 + 1/m) c_r P / min(P, C) + (P + 3) lam [P > 1] ]
+    T_mgrit(P) = (K + 1) [ (N/m) c_s + (N/P)(1 + 1/m) c_r P / C_P + (P + 3) lam_P [P > 1] ]
 
-Calibration, per depth: c_s = serial forward time / N (a coarse step is one Euler step of the same
-field, stepped one after the other as in the serial network); c_r, a step of the relaxation (the
-device's intervals stepped at once, `vmap`), from the one-device layer-parallel run, so P = 1
-calibrates and P > 1 is predicted; lam, one collective, from a ring of `ppermute`s of a C-point on
-the P devices. The adjoint is the same with c_s + c_b (c_b = (serial forward+backward - serial
-forward) / N, a backprop step; the adjoint's vjp re-evaluates the step it differentiates) and its
-own c_r from the one-device forward+backward run, K_b for K. Predicted speed-up = serial time / T.
-`prediction_error` = max |predicted / measured speed-up - 1| over the measured depths, device
-counts P > 1 and both passes. `predicted_speedup` extrapolates to P = 8 ... 1024 devices at depth
-`predict_depth` with one core per device and the costs of the largest measured depth (lam of the
-most devices measured); beside it `work_model_speedup` is the idealised S(P, m, K) =
-N / (N/m + K (N/P + N/m)) of issue 24 (equal step costs, no communication).
+Calibration, per depth, none of it from a multi-device MGRIT run: c_s = serial forward time / N (a
+coarse step is one Euler step of the same field, stepped one after the other as in the serial
+network); c_r, a step of the relaxation (the device's intervals stepped at once, `vmap`), from the
+one-device layer-parallel run (so P = 1 calibrates, P > 1 is predicted); and two measurements of
+the machine, timed in alternation with the runs so that they see the same load: lam_P, one
+`ppermute` of a C-point around the P devices, and C_P = P t_1 / t_P, where t_P is the time of P
+devices each stepping u <- tanh(u W) on a batch x width state (C_P <= min(P, cores), less when
+other work shares the cores). The adjoint is the same with c_s + c_b (c_b = (serial
+forward+backward - serial forward) / N, a backprop step; the adjoint's vjp re-evaluates the step
+it differentiates) and its own c_r from the one-device forward+backward run, K_b for K. Predicted
+speed-up = serial time / T. `prediction_error` = max |predicted / measured speed-up - 1| over the
+measured depths, device counts P > 1 and both passes. `predicted_speedup` extrapolates to P = 8
+... 1024 devices at depth `predict_depth` with C_P = P, the costs of the largest measured depth
+and lam of the most devices measured that had a core each; beside it `work_model_speedup` is the
+idealised S(P, m, K) = N / (N/m + K (N/P + N/m)) of issue 24 (equal step costs, no communication).
 Run times exclude compilation (reported apart), block on results, and are medians of interleaved
 repeats.
 """
@@ -58,7 +61,7 @@ from tqdm.auto import tqdm
 
 import neuralode
 from experiments.common import (blocking_calls, compile_all, flag, main, save_figure,
-                                time_alternating, time_interleaved)
+                                time_alternating)
 from neuralode.parallel import (MGRIT, depth_mesh, host_devices, layer_parallel_solve,
                                 layer_parallel_vjp, shard_layers)
 
@@ -76,8 +79,7 @@ class Config:
     coarsening: int = flag(4, "MGRIT coarsening factor m")
     iterations: int = flag(2, "forward MGRIT iterations K of the timed runs")
     backward_iterations: int = flag(1, "adjoint MGRIT iterations K_b of the timed runs")
-    probe_iterations: int = flag(16, "the most iterations of the exactness and residual probe "
-                                 "(exact where N/m <= this)")
+    probe_iterations: int = flag(16, "the most iterations of the probe (exact where N/m <= it)")
     probe_max_depth: int = flag(4096, "the deepest network probed")
     predict_depth: int = flag(4096, "depth N of the extrapolated speed-ups")
     predict_devices: tuple[int, ...] = flag((8, 16, 32, 64, 128, 256, 512, 1024),
@@ -88,6 +90,7 @@ class Config:
 
 QUICK = {"depths": (64, 256), "repeats": 3, "probe_max_depth": 64}
 PASSES = ("forward", "forward_backward")
+MACHINE_STEPS = 256  # steps of each machine measurement
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,11 +101,11 @@ def work_model_speedup(devices: float, coarsening: float, iterations: float) -> 
     return 1.0 / (1.0 / coarsening + iterations * (1.0 / devices + 1.0 / coarsening))
 
 
-def mgrit_seconds(depth: int, devices: int, coarsening: int, iterations: int, cores: int,
-                  sweep_step_s: float, relax_step_s: float, latency_s: float = 0.0) -> float:
+def mgrit_seconds(depth: int, devices: int, coarsening: int, iterations: int, sweep_step_s: float,
+                  relax_step_s: float, concurrency: float, latency_s: float = 0.0) -> float:
     """T_mgrit(P) of the docstring: the predicted wall time of one MGRIT solve."""
     m, p = coarsening, devices
-    parallel = (depth / p) * (1 + 1 / m) * relax_step_s * p / min(p, cores)
+    parallel = (depth / p) * (1 + 1 / m) * relax_step_s * p / concurrency
     collectives = (p + 3) * latency_s if p > 1 else 0.0
     return (iterations + 1) * ((depth / m) * sweep_step_s + parallel + collectives)
 
@@ -126,18 +129,18 @@ def calibrate(cfg: Config, depth: int, serial_s: dict, one_device_s: dict) -> di
                 cfg.coarsening, cfg.backward_iterations, adjoint)}
 
 
-def predicted_seconds(cfg: Config, depth: int, devices: int, cores: int, costs: dict,
+def predicted_seconds(cfg: Config, depth: int, devices: int, costs: dict, concurrency: float,
                       latency_s: float) -> dict:
     """Predicted layer-parallel forward and forward+backward seconds for `calibrate`'s costs."""
-    forward = mgrit_seconds(depth, devices, cfg.coarsening, cfg.iterations, cores,
-                            costs["sweep"], costs["relax"], latency_s)
-    adjoint = mgrit_seconds(depth, devices, cfg.coarsening, cfg.backward_iterations, cores,
-                            costs["adjoint_sweep"], costs["adjoint_relax"], latency_s)
+    forward = mgrit_seconds(depth, devices, cfg.coarsening, cfg.iterations, costs["sweep"],
+                            costs["relax"], concurrency, latency_s)
+    adjoint = mgrit_seconds(depth, devices, cfg.coarsening, cfg.backward_iterations,
+                            costs["adjoint_sweep"], costs["adjoint_relax"], concurrency, latency_s)
     return {"forward": forward, "forward_backward": forward + adjoint}
 
 
 # ---------------------------------------------------------------------------------------------
-# The network and the timed functions.
+# The network, the timed functions, the measurements.
 
 def make_field(cfg: Config, depth: int) -> neuralode.DepthStack:
     return neuralode.DepthStack(
@@ -153,9 +156,11 @@ def inputs(cfg: Config):
             jax.random.normal(key_w, (cfg.batch, cfg.width), jnp.float64))
 
 
-def output_fn(cfg: Config, graphdef, mgrit: MGRIT | None = None, mesh=None):
-    """(params, y0) -> (u_N, iterations done): serial for mgrit None, else layer-parallel."""
-    def output(params, y0):
+def pass_fns(cfg: Config, graphdef, mgrit: MGRIT | None = None, mesh=None) -> dict:
+    """The jitted forward (params, y0, w) -> (u_N, MGRIT iterations done) and forward+backward
+    (params, y0, w) -> (sum(w u_N), parameter gradients): serial for mgrit None, else
+    layer-parallel on `mesh`."""
+    def forward(params, y0, w):
         field = nnx.merge(graphdef, params)
         if mgrit is None:
             ys = neuralode.odeint(field, y0, jnp.array([0.0, cfg.horizon]),
@@ -164,19 +169,11 @@ def output_fn(cfg: Config, graphdef, mgrit: MGRIT | None = None, mesh=None):
         sol = layer_parallel_solve(field, y0, 0.0, cfg.horizon, solver=neuralode.Euler(),
                                    mgrit=mgrit, mesh=mesh)
         return sol.ys[-1], sol.stats["iterations"]
-    return output
-
-
-def pass_fns(cfg: Config, graphdef, mgrit: MGRIT | None = None, mesh=None) -> dict:
-    """The jitted forward and forward+backward (params, y0, w) -> (u_N or loss, iterations or
-    parameter gradients) of one network."""
-    output = output_fn(cfg, graphdef, mgrit, mesh)
 
     def loss(params, y0, w):
-        return jnp.sum(w * output(params, y0)[0])
+        return jnp.sum(w * forward(params, y0, w)[0])
 
-    return {"forward": jax.jit(lambda params, y0, w: output(params, y0)),
-            "forward_backward": jax.jit(jax.value_and_grad(loss))}
+    return {"forward": jax.jit(forward), "forward_backward": jax.jit(jax.value_and_grad(loss))}
 
 
 def placed(field, y0, w, mesh=None):
@@ -189,23 +186,33 @@ def placed(field, y0, w, mesh=None):
     return field, jax.device_put(y0, replicated), jax.device_put(w, replicated)
 
 
-def collective_latency(cfg: Config, devices: int, rounds: int = 64) -> float:
-    """Seconds of one `ppermute` of a C-point (batch x width) around the ring of `devices`."""
-    if devices == 1:
-        return 0.0
-    mesh = depth_mesh(devices)
-    perm = [(p, (p + 1) % devices) for p in range(devices)]
+def machine_calls(cfg: Config, counts: list[int], steps: int = MACHINE_STEPS) -> dict:
+    """Compiled blocking calls that measure the machine, by ("ring", P): `steps` ppermutes of a
+    C-point (batch x width) around P devices, and ("busy", P): P devices each doing `steps` steps
+    u <- tanh(u W) of a batch x width state at once."""
+    weight = jnp.eye(cfg.width) / 2 + 1 / cfg.width
+    fns, args = {}, {}
+    for p in counts:
+        mesh, spec = depth_mesh(p), Spec("depth")
+        perm = [(i, (i + 1) % p) for i in range(p)]
+        kernels = {"busy": lambda u: jnp.tanh(u @ weight)}
+        if p > 1:
+            kernels["ring"] = lambda u, perm=perm: lax.ppermute(u, "depth", perm)
+        x = jax.device_put(jnp.ones((p * cfg.batch, cfg.width)), NamedSharding(mesh, spec))
+        for name, kernel in kernels.items():
+            def loop(u, kernel=kernel):
+                return lax.fori_loop(0, steps, lambda _, u: kernel(u), u)
+            fns[name, p] = jax.jit(jax.shard_map(loop, mesh=mesh, in_specs=spec, out_specs=spec))
+            args[name, p] = (x,)
+    return blocking_calls(compile_all(fns, args)[0], args)
 
-    def ring(x):
-        return lax.fori_loop(0, rounds, lambda _, x: lax.ppermute(x, "depth", perm), x)
 
-    fn = jax.jit(jax.shard_map(ring, mesh=mesh, in_specs=Spec("depth"), out_specs=Spec("depth")))
-    x = jax.device_put(jnp.ones((devices * cfg.batch, cfg.width)), NamedSharding(mesh, Spec("depth")))
-    return time_interleaved({"ring": fn}, {"ring": (x,)}, cfg.repeats)["ring"]["run_s"] / rounds
+def machine_measurements(times: dict, counts: list[int], steps: int = MACHINE_STEPS) -> dict:
+    """{P: latency_s (lam_P), concurrency (C_P)} from `machine_calls`' timings."""
+    return {p: {"latency_s": times["ring", p]["run_s"] / steps if p > 1 else 0.0,
+                "concurrency": p * times["busy", 1]["run_s"] / times["busy", p]["run_s"]}
+            for p in counts}
 
-
-# ---------------------------------------------------------------------------------------------
-# Measurements.
 
 def _max_error(a, b) -> float:
     return float(max(np.max(np.abs(np.asarray(x) - np.asarray(y)))
@@ -213,7 +220,7 @@ def _max_error(a, b) -> float:
 
 
 def _relative_error(a, b) -> float:
-    return float(max(np.max(np.abs(np.asarray(x) - np.asarray(y))) / np.max(np.abs(np.asarray(y)))
+    return float(max(_max_error(x, y) / np.max(np.abs(np.asarray(y)))
                      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
 
 
@@ -227,7 +234,8 @@ def probe(cfg: Config, field, y0, w, devices: int) -> dict:
     ts = jnp.linspace(0.0, cfg.horizon, depth + 1)
 
     def serial(field, y0, w):
-        states = lambda field: neuralode.odeint(field, y0, ts, solver=neuralode.Euler())  # noqa: E731
+        def states(field):
+            return neuralode.odeint(field, y0, ts, solver=neuralode.Euler())
         return states(field), nnx.grad(lambda field: jnp.sum(w * states(field)[-1]))(field)
 
     def parallel(field, y0, w):
@@ -245,12 +253,11 @@ def probe(cfg: Config, field, y0, w, devices: int) -> dict:
             "gradient_error": _relative_error(par_grads, nnx.state(grads, nnx.Param)), **stats}
 
 
-def measure_depth(cfg: Config, depth: int, counts: list[int], cores: int, latency: dict) -> dict:
-    """Time serial and layer-parallel passes at one depth; errors after K (K_b) iterations;
-    per-step costs; predicted times."""
-    field = make_field(cfg, depth)
+def measure_depth(cfg: Config, depth: int, counts: list[int], machine: dict) -> dict:
+    """Time serial and layer-parallel passes at one depth, in alternation with the `machine`
+    calls; errors after K (K_b) iterations; per-step costs; predicted times."""
+    field, (y0, w) = make_field(cfg, depth), inputs(cfg)
     graphdef = nnx.graphdef(field)
-    y0, w = inputs(cfg)
     mgrit = MGRIT(coarsening=cfg.coarsening, iterations=cfg.iterations,
                   backward_iterations=cfg.backward_iterations, fallback=False)
     fns, args = {}, {}
@@ -261,13 +268,16 @@ def measure_depth(cfg: Config, depth: int, counts: list[int], cores: int, latenc
             fns[p, name], args[p, name] = fn, (nnx.state(field_p), y0_p, w_p)
     compiled, compile_s = compile_all(fns, args)
     outputs = {key: compiled[key](*args[key]) for key in fns}
-    times = time_alternating(blocking_calls(compiled, args), cfg.repeats, desc=f"N = {depth}")
+    times = time_alternating({**blocking_calls(compiled, args), **machine}, cfg.repeats,
+                             desc=f"N = {depth}")
     seconds = {p: {n: times[p, n]["run_s"] for n in PASSES} for p in ["serial", *counts]}
     costs = calibrate(cfg, depth, seconds["serial"], seconds[1])
+    measured = machine_measurements(times, counts)
     row = {"depth": depth, "serial_s": seconds["serial"], "step_costs_s": costs,
-           "serial_compile_s": {n: compile_s["serial", n] for n in PASSES}, "parallel": {}}
+           "machine": measured, "parallel": {},
+           "serial_compile_s": {n: compile_s["serial", n] for n in PASSES}}
     for p in counts:
-        predicted = predicted_seconds(cfg, depth, p, cores, costs, latency[p])
+        predicted = predicted_seconds(cfg, depth, p, costs, **measured[p])
         speedup = {n: seconds["serial"][n] / seconds[p][n] for n in PASSES}
         predicted_speedup = {n: seconds["serial"][n] / predicted[n] for n in PASSES}
         row["parallel"][p] = {
@@ -284,27 +294,14 @@ def measure_depth(cfg: Config, depth: int, counts: list[int], cores: int, latenc
     return row
 
 
-def extrapolate(cfg: Config, costs: dict, latency_s: float) -> dict:
-    """Predicted speed-ups at `predict_depth` on `predict_devices` devices, one core each."""
-    n = cfg.predict_depth
-    serial = {"forward": n * costs["sweep"], "forward_backward": n * costs["adjoint_sweep"]}
-    out = {}
-    for p in cfg.predict_devices:
-        seconds = predicted_seconds(cfg, n, p, p, costs, latency_s)
-        out[p] = {name: serial[name] / seconds[name] for name in PASSES}
-    return out
-
-
 def run(cfg: Config) -> dict:
     jax.config.update("jax_enable_x64", True)
     if 1 not in cfg.devices:
-        raise ValueError(f"--devices must include 1 (the run that calibrates the model), got "
-                         f"{cfg.devices}")
-    for depth in cfg.depths:
-        for p in cfg.devices:
-            if depth % (cfg.coarsening * p):
-                raise ValueError(f"--depths: N = {depth} is not divisible by coarsening m = "
-                                 f"{cfg.coarsening} times P = {p} devices")
+        raise ValueError(f"--devices must include 1 (it calibrates the model), got {cfg.devices}")
+    bad = [(d, p) for d in cfg.depths for p in cfg.devices if d % (cfg.coarsening * p)]
+    if bad:
+        raise ValueError(f"--depths: N = {bad[0][0]} is not divisible by coarsening m = "
+                         f"{cfg.coarsening} times P = {bad[0][1]} devices")
     try:
         host_devices(max(cfg.devices))  # without accelerators; refused once JAX has run
     except RuntimeError:
@@ -313,9 +310,10 @@ def run(cfg: Config) -> dict:
     counts = sorted(p for p in set(cfg.devices) if p <= available)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     platform = jax.default_backend()
-    print(f"{platform}: {available} devices, {cores} cores; measuring P = {counts}")
-    latency = {p: collective_latency(cfg, p) for p in counts}
-    rows = [measure_depth(cfg, depth, counts, cores, latency)
+    load = os.getloadavg()  # other work on the machine slows the runs unevenly
+    print(f"{platform}: {available} devices, {cores} cores, load {load[0]:.1f}; P = {counts}")
+    machine = machine_calls(cfg, counts)
+    rows = [measure_depth(cfg, depth, counts, machine)
             for depth in tqdm(cfg.depths, desc="depths")]
 
     ratios = {f"N={row['depth']} P={p} {n}": entry["prediction_ratio"][n] for row in rows
@@ -323,29 +321,35 @@ def run(cfg: Config) -> dict:
     prediction_error = max((abs(r - 1) for r in ratios.values()), default=None)
     exact = [row["probe"] for row in rows if row.get("probe", {}).get("exact")]
     largest = rows[-1]
-    predicted = extrapolate(cfg, largest["step_costs_s"], latency[counts[-1]])
+    # P devices with a core each: lam of the most devices measured that had a core each.
+    costs, n = largest["step_costs_s"], cfg.predict_depth
+    latency = largest["machine"][max(p for p in counts if p <= cores)]["latency_s"]
+    serial = {"forward": n * costs["sweep"], "forward_backward": n * costs["adjoint_sweep"]}
+    predicted = {p: {name: serial[name] / t for name, t in predicted_seconds(
+        cfg, n, p, costs, p, latency).items()} for p in cfg.predict_devices}
+    work = (cfg.iterations + 1) * (1 + 2 / cfg.coarsening)
     note = (f"{platform} devices" if platform != "cpu" else
-            f"{available} host CPU devices in one process sharing {cores} cores: the F-relaxation "
-            f"of P > {cores} devices runs on {cores} cores, and MGRIT does (K + 1)(1 + 2/m) times "
-            "the serial work or more, so here it cannot beat the serial network")
+            f"{available} host CPU devices in one process sharing {cores} cores: the relaxation of "
+            f"P > {cores} devices runs on {cores} cores, and the forward MGRIT steps (K + 1)(1 + "
+            f"2/m) = {work:g} times the serial network's steps")
     table = {p: {f"{n}_{kind}": round(e[key][n], 3) for n in PASSES
                  for kind, key in (("measured", "speedup"), ("predicted", "predicted_speedup"))}
              for p, e in largest["parallel"].items()}
     headline = {
-        "platform": platform, "cores": cores, "devices": counts, "depth": largest["depth"],
-        "speedup": table,
+        "platform": platform, "cores": cores, "load_average_at_start": round(load[0], 1),
+        "devices": counts, "depth": largest["depth"], "speedup": table,
         "prediction_error": None if prediction_error is None else round(prediction_error, 3),
         "forward_error_exact": max((e["forward_error"] for e in exact), default=None),
         "gradient_error": max((e["gradient_error"] for e in exact), default=None),
         "final_error_K": largest["parallel"][counts[-1]]["final_error"],
-        "predicted_speedup_forward": {p: round(predicted[p]["forward"], 3)
-                                      for p in cfg.predict_devices[::3]}}
+        "predicted_forward_speedup": {p: round(predicted[p]["forward"], 3)
+                                      for p in sorted({min(predicted), max(predicted)})}}
     results = {
         "headline": headline, "note": note, "platform": platform, "cores": cores,
         "devices_available": available, "devices_measured": counts,
-        "collective_latency_s": latency, "depths": rows,
-        "forward_error_exact": headline["forward_error_exact"],
-        "gradient_error": headline["gradient_error"],
+        "load_average_1min": {"start": load[0], "end": os.getloadavg()[0]},
+        "depths": rows,
+        **{key: headline[key] for key in ("forward_error_exact", "gradient_error")},
         "prediction_error": prediction_error, "prediction_ratio": ratios,
         "predicted_speedup": predicted,
         "work_model_speedup": {p: work_model_speedup(p, cfg.coarsening, cfg.iterations)
@@ -378,8 +382,10 @@ def plot(cfg: Config, rows: list[dict], counts: list[int]) -> None:
             ax.plot(counts, [e["predicted_speedup"][name] for e in entries], "x:", color=f"C{i}",
                     label=f"N = {row['depth']} predicted")
         ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set(xscale="log", xticks=counts, xticklabels=[str(p) for p in counts],
-               xlabel="devices P", title=name.replace("_", "+"))
+        ax.set_xscale("log", base=2)
+        ax.minorticks_off()
+        ax.set(xticks=counts, xticklabels=[str(p) for p in counts], xlabel="devices P",
+               title=name.replace("_", "+"))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("speed-up over the serial network")
     axes[0].legend(fontsize=7)

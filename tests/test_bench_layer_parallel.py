@@ -56,23 +56,25 @@ def test_work_model_is_the_issues_closed_form(devices, coarsening, iterations, e
 
 
 def test_mgrit_seconds_counts_the_rounds_steps_and_collectives():
-    # (K + 1) [ N/m c_s + (N/P)(1 + 1/m) c_r P / min(P, C) + (P + 3) lam ], N = 64, m = 4, K = 2.
-    assert bench.mgrit_seconds(64, 8, 4, 2, cores=8, sweep_step_s=1.0, relax_step_s=1.0) == 78.0
-    assert bench.mgrit_seconds(64, 8, 4, 2, cores=2, sweep_step_s=1.0, relax_step_s=1.0) == 168.0
-    assert bench.mgrit_seconds(64, 8, 4, 2, cores=8, sweep_step_s=1.0, relax_step_s=1.0,
-                               latency_s=0.5) == 78.0 + 3 * 11 * 0.5
-    assert bench.mgrit_seconds(64, 1, 4, 2, cores=2, sweep_step_s=2.0, relax_step_s=0.5,
+    # (K + 1) [ N/m c_s + (N/P)(1 + 1/m) c_r P / C_P + (P + 3) lam ], N = 64, m = 4, K = 2.
+    unit = dict(sweep_step_s=1.0, relax_step_s=1.0)
+    assert bench.mgrit_seconds(64, 8, 4, 2, concurrency=8, **unit) == 78.0
+    assert bench.mgrit_seconds(64, 8, 4, 2, concurrency=2, **unit) == 168.0
+    assert bench.mgrit_seconds(64, 8, 4, 2, concurrency=8, latency_s=0.5, **unit) == 78.0 + 16.5
+    assert bench.mgrit_seconds(64, 1, 4, 2, concurrency=1, sweep_step_s=2.0, relax_step_s=0.5,
                                latency_s=0.5) == 3 * (16 * 2.0 + 80 * 0.5)
     # The relaxation step that reproduces a one-device time is the one that gave it.
-    seconds = bench.mgrit_seconds(256, 1, 4, 2, cores=2, sweep_step_s=3e-4, relax_step_s=7e-4)
+    seconds = bench.mgrit_seconds(256, 1, 4, 2, concurrency=1, sweep_step_s=3e-4,
+                                  relax_step_s=7e-4)
     assert bench.relax_step_seconds(seconds, 256, 4, 2, 3e-4) == pytest.approx(7e-4, rel=1e-12)
 
 
 def test_equal_step_costs_without_communication_give_the_issues_model_plus_one_relaxation():
-    # With c_s = c_r and no collectives the speed-up is N / (N/m + K (N/P + N/m) + N/P + (K+1) N/(mP)):
-    # the issue's rounds, the F-relaxation that gives the states, the FAS coarse steps.
+    # With c_s = c_r and no collectives the speed-up is
+    # N / (N/m + K (N/P + N/m) + N/P + (K + 1) N/(mP)): the issue's rounds, the F-relaxation that
+    # gives the states, the FAS coarse steps.
     n, p, m, k = 4096, 64, 4, 2
-    ours = n / bench.mgrit_seconds(n, p, m, k, cores=p, sweep_step_s=1.0, relax_step_s=1.0)
+    ours = n / bench.mgrit_seconds(n, p, m, k, concurrency=p, sweep_step_s=1.0, relax_step_s=1.0)
     issue = bench.work_model_speedup(p, m, k)
     assert 1 / ours == pytest.approx(1 / issue + 1 / p + (k + 1) / (m * p), rel=1e-14)
 
