@@ -31,19 +31,19 @@ Calibration, per depth, none of it from a multi-device MGRIT run: c_s = serial f
 coarse step is one Euler step of the same field, stepped one after the other as in the serial
 network); c_r, a step of the relaxation (the device's intervals stepped at once, `vmap`), from the
 one-device layer-parallel run (so P = 1 calibrates, P > 1 is predicted); and two measurements of
-the machine, timed in alternation with the runs so that they see the same load: lam_P, one
-`ppermute` of a C-point around the P devices, and C_P = P t_1 / t_P, where t_P is the time of P
-devices each stepping u <- tanh(u W) on a batch x width state (C_P <= min(P, cores), less when
-other work shares the cores). The adjoint is the same with c_s + c_b (c_b = (serial
-forward+backward - serial forward) / N, a backprop step; the adjoint's vjp re-evaluates the step
-it differentiates) and its own c_r from the one-device forward+backward run, K_b for K. Predicted
-speed-up = serial time / T. `prediction_error` = max |predicted / measured speed-up - 1| over the
-measured depths, device counts P > 1 and both passes. `predicted_speedup` extrapolates to P = 8
-... 1024 devices at depth `predict_depth` with C_P = P, the costs of the largest measured depth
-and lam of the most devices measured that had a core each; beside it `work_model_speedup` is the
-idealised S(P, m, K) = N / (N/m + K (N/P + N/m)) of issue 24 (equal step costs, no communication).
-Run times exclude compilation (reported apart), block on results, and are medians of interleaved
-repeats.
+the machine, timed in alternation with the runs to see the same load: lam_P, one `ppermute` of a
+C-point around the P devices, and C_P = P t_1 / t_P, t_P the time of P devices each stepping
+u <- tanh(u W) on a batch x width state (min(P, cores) on an idle machine; under other work P
+threads take a larger share of the cores than one, and the load varies between samples). The
+adjoint is the same with c_s + c_b (c_b = (serial forward+backward - serial forward) / N, a
+backprop step; the adjoint's vjp re-evaluates the step it differentiates) and its own c_r from the
+one-device forward+backward run, K_b for K. Predicted speed-up = serial time / T.
+`prediction_error` = max |predicted / measured speed-up - 1| over the measured depths, device
+counts P > 1 and both passes. `predicted_speedup` extrapolates to P = 8 ... 1024 devices at depth
+`predict_depth` with C_P = P, the costs of the largest measured depth and lam of the most devices
+measured that had a core each; beside it `work_model_speedup` is the idealised S(P, m, K) =
+N / (N/m + K (N/P + N/m)) of issue 24 (equal step costs, no communication). Run times exclude
+compilation (reported apart), block on results, and are medians of interleaved repeats.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class Config:
 
 QUICK = {"depths": (64, 256), "repeats": 3, "probe_max_depth": 64}
 PASSES = ("forward", "forward_backward")
-MACHINE_STEPS = 256  # steps of each machine measurement
+MACHINE_STEPS = 1024  # steps of each machine measurement
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,9 +157,8 @@ def inputs(cfg: Config):
 
 
 def pass_fns(cfg: Config, graphdef, mgrit: MGRIT | None = None, mesh=None) -> dict:
-    """The jitted forward (params, y0, w) -> (u_N, MGRIT iterations done) and forward+backward
-    (params, y0, w) -> (sum(w u_N), parameter gradients): serial for mgrit None, else
-    layer-parallel on `mesh`."""
+    """Jitted (params, y0, w) -> forward: (u_N, MGRIT iterations), forward_backward: (sum(w u_N),
+    parameter gradients); serial for mgrit None, else layer-parallel on `mesh`."""
     def forward(params, y0, w):
         field = nnx.merge(graphdef, params)
         if mgrit is None:
@@ -208,9 +207,11 @@ def machine_calls(cfg: Config, counts: list[int], steps: int = MACHINE_STEPS) ->
 
 
 def machine_measurements(times: dict, counts: list[int], steps: int = MACHINE_STEPS) -> dict:
-    """{P: latency_s (lam_P), concurrency (C_P)} from `machine_calls`' timings."""
+    """{P: latency_s (lam_P), concurrency (C_P)} from `machine_calls`' timings; C_P is the median
+    over the rounds of P t_1 / t_P, each from one round's samples, taken one after the other."""
+    one = np.asarray(times["busy", 1]["runs_s"])
     return {p: {"latency_s": times["ring", p]["run_s"] / steps if p > 1 else 0.0,
-                "concurrency": p * times["busy", 1]["run_s"] / times["busy", p]["run_s"]}
+                "concurrency": float(np.median(p * one / np.asarray(times["busy", p]["runs_s"])))}
             for p in counts}
 
 
