@@ -230,8 +230,7 @@ def probe(cfg: Config, field, y0, w, devices: int) -> dict:
     against the serial states and gradients: errors, residuals per iteration, rho."""
     depth, mesh = field.depth, depth_mesh(devices)
     iterations = min(depth // cfg.coarsening, cfg.probe_iterations)
-    mgrit = MGRIT(coarsening=cfg.coarsening, iterations=iterations,
-                  backward_iterations=iterations, fallback=False)
+    mgrit = MGRIT(cfg.coarsening, iterations, backward_iterations=iterations, fallback=False)
     ts = jnp.linspace(0.0, cfg.horizon, depth + 1)
 
     def serial(field, y0, w):
@@ -245,13 +244,12 @@ def probe(cfg: Config, field, y0, w, devices: int) -> dict:
 
     states, grads = nnx.jit(serial)(field, y0, w)
     solution, (par_grads, _), backward = nnx.jit(parallel)(*placed(field, y0, w, mesh))
-    stats = {f"{name}_{key}": np.asarray(s[key]).tolist() for name, s in
-             (("forward", solution.stats), ("backward", backward))
-             for key in ("iterations", "residuals", "rho")}
+    stats = {f"{name}_{key}": np.asarray(s[key]).tolist() for key in ("residuals", "rho")
+             for name, s in (("forward", solution.stats), ("backward", backward))}
+    errors = {"forward_error": _max_error(solution.ys, states),
+              "gradient_error": _relative_error(par_grads, nnx.state(grads, nnx.Param))}
     return {"devices": devices, "iterations": iterations,
-            "exact": iterations == depth // cfg.coarsening,
-            "forward_error": _max_error(solution.ys, states),
-            "gradient_error": _relative_error(par_grads, nnx.state(grads, nnx.Param)), **stats}
+            "exact": iterations * cfg.coarsening == depth, **errors, **stats}
 
 
 def measure_depth(cfg: Config, depth: int, counts: list[int], machine: dict) -> dict:
@@ -274,8 +272,11 @@ def measure_depth(cfg: Config, depth: int, counts: list[int], machine: dict) -> 
     seconds = {p: {n: times[p, n]["run_s"] for n in PASSES} for p in ["serial", *counts]}
     costs = calibrate(cfg, depth, seconds["serial"], seconds[1])
     measured = machine_measurements(times, counts)
+    consistent = min(costs.values()) > 0  # else other work slowed the serial runs more
+    if not consistent:
+        print(f"N = {depth}: a per-step cost <= 0 ({costs}): timings disturbed by other work")
     row = {"depth": depth, "serial_s": seconds["serial"], "step_costs_s": costs,
-           "machine": measured, "parallel": {},
+           "consistent": consistent, "machine": measured, "parallel": {},
            "serial_compile_s": {n: compile_s["serial", n] for n in PASSES}}
     for p in counts:
         predicted = predicted_seconds(cfg, depth, p, costs, **measured[p])
@@ -311,17 +312,15 @@ def run(cfg: Config) -> dict:
     counts = sorted(p for p in set(cfg.devices) if p <= available)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     platform = jax.default_backend()
-    load = os.getloadavg()  # other work on the machine slows the runs unevenly
+    load, machine = os.getloadavg(), machine_calls(cfg, counts)  # other work slows runs unevenly
     print(f"{platform}: {available} devices, {cores} cores, load {load[0]:.1f}; P = {counts}")
-    machine = machine_calls(cfg, counts)
     rows = [measure_depth(cfg, depth, counts, machine)
             for depth in tqdm(cfg.depths, desc="depths")]
 
     ratios = {f"N={row['depth']} P={p} {n}": entry["prediction_ratio"][n] for row in rows
               for p, entry in row["parallel"].items() if p > 1 for n in PASSES}
     prediction_error = max((abs(r - 1) for r in ratios.values()), default=None)
-    exact = [row["probe"] for row in rows if row.get("probe", {}).get("exact")]
-    largest = rows[-1]
+    exact, largest = [row["probe"] for row in rows if row.get("probe", {}).get("exact")], rows[-1]
     # P devices with a core each: lam of the most devices measured that had a core each.
     costs, n = largest["step_costs_s"], cfg.predict_depth
     latency = largest["machine"][max(p for p in counts if p <= cores)]["latency_s"]
@@ -339,6 +338,7 @@ def run(cfg: Config) -> dict:
     headline = {
         "platform": platform, "cores": cores, "load_average_at_start": round(load[0], 1),
         "devices": counts, "depth": largest["depth"], "speedup": table,
+        "inconsistent_depths": [row["depth"] for row in rows if not row["consistent"]],
         "prediction_error": None if prediction_error is None else round(prediction_error, 3),
         "forward_error_exact": max((e["forward_error"] for e in exact), default=None),
         "gradient_error": max((e["gradient_error"] for e in exact), default=None),
