@@ -41,14 +41,10 @@ def _code_cells(nb):
     return [cell for cell in nb.cells if cell.cell_type == "code"]
 
 
-def _kernel_environment(figures: bool) -> dict:
-    """The environment variables a notebook kernel needs: this interpreter first on PATH, and
-    figures either drawn by the inline backend (PNG outputs) or left undrawn on Agg."""
-    env = {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-           "PYDEVD_DISABLE_FILE_VALIDATION": "1"}  # quiet debugpy warning in the kernel
-    if not figures:
-        env["MPLBACKEND"] = "Agg"
-    return env
+def _kernel_environment() -> dict:
+    """The environment variables a notebook kernel needs: this interpreter first on PATH."""
+    return {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+            "PYDEVD_DISABLE_FILE_VALIDATION": "1"}  # quiet debugpy warning in the kernel
 
 
 def execute(nb):
@@ -123,7 +119,7 @@ def test_committed_with_outputs_and_runs_top_to_bottom(path, monkeypatch):
     assert any("image/png" in out.get("data", {}) for cell in cells for out in cell.outputs), \
         f"{path.name}: no figure committed; {refresh}"
 
-    for name, value in _kernel_environment(figures=False).items():
+    for name, value in {**_kernel_environment(), "MPLBACKEND": "Agg"}.items():
         monkeypatch.setenv(name, value)
     start = time.perf_counter()
     fresh = execute(cleared(committed))
@@ -175,7 +171,7 @@ def test_thin_imports_from_neuralode_and_defines_nothing_reusable(path):
 def write_with_outputs(path: Path) -> None:
     """Execute the notebook at `path` in a fresh kernel and write it back with its outputs."""
     nb = nbformat.read(path, as_version=4)
-    os.environ.update(_kernel_environment(figures=True))
+    os.environ.update(_kernel_environment())
     os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend draws the figures as PNGs
     start = time.perf_counter()
     nb = strip_volatile(execute(cleared(nb)))
