@@ -88,10 +88,14 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def predict(model: nnx.Module, x: np.ndarray, batch: int = 500) -> np.ndarray:
     """Logits in batches of one shape (the last one zero-padded), so the forward pass compiles once."""
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, xb: nnx.merge(graphdef, state)(xb))
     padded = np.concatenate([x, np.zeros((-len(x) % batch, *x.shape[1:]), x.dtype)])
-    return np.concatenate([np.asarray(forward(state, padded[i:i + batch])) for i in range(0, len(padded), batch)])[:len(x)]
+    return np.concatenate([np.asarray(_forward(model, padded[i:i + batch]))
+                           for i in range(0, len(padded), batch)])[:len(x)]
+
+
+@nnx.jit
+def _forward(model: nnx.Module, x: jax.Array) -> jax.Array:
+    return model(x)
 
 
 def plot(cfg: Config, history: list[dict], tables: dict, eces: dict, temperature: float, curve) -> None:

@@ -29,6 +29,7 @@ both -> 1 as L -> infinity at the rate Lu et al. prove. Measured over `born_dead
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -92,15 +93,20 @@ class MLP(nnx.Module):
 def unit_statistics(hidden: list[jax.Array], activation: Callable, dead_slope: float) -> dict:
     """Per hidden layer: mean fraction of units inactive per input (h <= 0), fraction negative on
     every input, fraction dead (max |s'(h)| over the inputs <= dead_slope)."""
-    slope = jax.vmap(jax.vmap(jax.grad(activation)))
-
-    @jax.jit
-    def fractions(h):
-        return (jnp.mean(h <= 0), jnp.mean(jnp.all(h <= 0, axis=0)),
-                jnp.mean(jnp.max(jnp.abs(slope(h)), axis=0) <= dead_slope))
-
-    values = [[float(v) for v in fractions(h)] for h in hidden]
+    values = [[float(v) for v in _fractions(h, activation, dead_slope)] for h in hidden]
     return dict(zip(("inactive_per_input", "negative_on_all", "dead"), map(list, zip(*values))))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))  # compiled once per activation and layer shape
+def _fractions(h, activation: Callable, dead_slope: float):
+    slope = jax.vmap(jax.vmap(jax.grad(activation)))(h)
+    return (jnp.mean(h <= 0), jnp.mean(jnp.all(h <= 0, axis=0)),
+            jnp.mean(jnp.max(jnp.abs(slope), axis=0) <= dead_slope))
+
+
+@nnx.jit
+def _hidden_pre_activations(model: MLP, x: jax.Array) -> list[jax.Array]:
+    return model.pre_activations(x)[1]
 
 
 def pooled(stats: dict, key: str, widths) -> float:
@@ -110,7 +116,7 @@ def pooled(stats: dict, key: str, widths) -> float:
 
 def inactive_at_init(cfg: Config, x: np.ndarray) -> dict:
     model = MLP([x.shape[1]] + [cfg.init_width] * cfg.init_depth + [10], jax.nn.relu, nnx.Rngs(cfg.seed))
-    _, hidden = nnx.jit(lambda m, x: m.pre_activations(x))(model, jnp.asarray(x, F32))
+    hidden = _hidden_pre_activations(model, jnp.asarray(x, F32))
     stats = unit_statistics(hidden, jax.nn.relu, 0.0)
     per_input = np.array([np.asarray(jnp.mean(h <= 0, axis=1)) for h in hidden])  # (layers, inputs)
     return {**stats, "mean_inactive_per_input": float(per_input.mean()),
@@ -132,11 +138,10 @@ def train_sweep(cfg: Config, data) -> list[dict]:
     for lr, name in tqdm(runs, desc="learning rates x activations"):
         activation = ACTIVATIONS[name]
         model = MLP(sizes, activation, nnx.Rngs(cfg.seed))  # the same initial weights for every run
-        hidden_of = nnx.jit(lambda m, x: m.pre_activations(x)[1])
-        at_init = unit_statistics(hidden_of(model, jnp.asarray(x)), activation, cfg.dead_slope)
+        at_init = unit_statistics(_hidden_pre_activations(model, jnp.asarray(x)), activation, cfg.dead_slope)
         history = fit(model, loss, x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, tx=optax.adam(lr),
                       seed=cfg.seed, desc=f"{name} lr={lr:g}")
-        stats = unit_statistics(hidden_of(model, jnp.asarray(x)), activation, cfg.dead_slope)
+        stats = unit_statistics(_hidden_pre_activations(model, jnp.asarray(x)), activation, cfg.dead_slope)
         rows.append({"learning_rate": lr, "activation": name, **{f"{k}_per_layer": v for k, v in stats.items()},
                      "dead": pooled(stats, "dead", cfg.hidden), "dead_at_init": pooled(at_init, "dead", cfg.hidden),
                      "negative_on_all": pooled(stats, "negative_on_all", cfg.hidden),

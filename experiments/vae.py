@@ -179,17 +179,26 @@ def gaussian_log_density(z, mean, log_variance):
 
 def mutual_information(model: VAE, x: np.ndarray, key) -> float:
     """I(x; z) under q = E_n E_{z ~ q(z|x_n)} [log q(z|x_n) - log (1/N) sum_m q(z|x_m)], one z per x_n."""
-    mean, log_variance = model.encoder(jnp.asarray(x))
+    return float(_mutual_information(model.encoder, jnp.asarray(x), key))
+
+
+@nnx.jit  # compiled once per encoder structure and data shape: every decoder's encoder shares it
+def _mutual_information(encoder: nnx.Module, x: jax.Array, key) -> jax.Array:
+    mean, log_variance = encoder(x)
     z = mean + jnp.exp(0.5 * log_variance) * jax.random.normal(key, mean.shape, mean.dtype)
     pairwise = jax.vmap(lambda zn: gaussian_log_density(zn, mean, log_variance))(z)  # (n, m): log q(z_n|x_m)
     aggregate = jax.nn.logsumexp(pairwise, axis=1) - np.log(len(x))
-    return float(jnp.mean(jnp.diagonal(pairwise) - aggregate))
+    return jnp.mean(jnp.diagonal(pairwise) - aggregate)
+
+
+@nnx.jit
+def _terms(model: VAE, x: jax.Array, key):
+    return model.terms(x, key)
 
 
 def evaluate(model: VAE, cfg: Config, x_test: np.ndarray, x_train: np.ndarray, key) -> dict:
     keys = jax.random.split(key, cfg.samples + 1)
-    terms = jax.jit(lambda k: model.terms(jnp.asarray(x_test), k))
-    samples = [terms(k) for k in keys[:-1]]
+    samples = [_terms(model, jnp.asarray(x_test), k) for k in keys[:-1]]
     reconstruction = float(np.mean([s[0].mean() for s in samples]))
     _, kl, mean, _ = samples[0]
     unit_activity = np.asarray(jnp.var(mean, axis=0))
