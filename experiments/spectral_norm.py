@@ -86,14 +86,11 @@ def top_singular(matrix: np.ndarray) -> tuple[float, np.ndarray]:
 
     a = np.asarray(matrix, np.float64)
     wide = a.shape[1] > a.shape[0]
-    gram = a @ a.T if wide else a.T @ a
     with threadpoolctl.threadpool_limits(1):  # threaded OpenBLAS runs 10x slower on busy cores
+        gram = a @ a.T if wide else a.T @ a
         (value,), vector = eigh(gram, subset_by_index=[len(gram) - 1] * 2)
-    sigma, v = float(np.sqrt(max(value, 0.0))), vector[:, 0]
-    if wide:
-        v = a.T @ v
-        v = v / np.linalg.norm(v)
-    return sigma, v
+        v = a.T @ vector[:, 0] if wide else vector[:, 0]
+    return float(np.sqrt(max(value, 0.0))), v / np.linalg.norm(v)
 
 
 class PowerVector(nnx.Variable):
