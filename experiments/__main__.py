@@ -61,8 +61,12 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="full settings instead of --quick")
     args = parser.parse_args()
     rows, failed = [], []
-    for name in args.only or experiment_names():
-        print(f"=== experiments.{name}", flush=True)
+    names = args.only or experiment_names()
+    unknown = sorted(set(names) - set(experiment_names()))
+    if unknown:
+        parser.error(f"--only: unknown experiments {unknown}; expected some of {experiment_names()}")
+    for i, name in enumerate(names, 1):
+        print(f"=== [{i}/{len(names)}] experiments.{name}", flush=True)
         command = [sys.executable, "-m", f"experiments.{name}", "--out", args.out]
         start = time.perf_counter()
         code = subprocess.call(command + ([] if args.full else ["--quick"]))

@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -155,11 +156,33 @@ def run_experiment(module_name: str, config_cls, run: Callable, quick_overrides:
     return results
 
 
+def compilation_cache_dir() -> Path:
+    """Where `main` keeps compiled XLA programs between runs: `$XDG_CACHE_HOME/neuralode/jax`
+    (`~/.cache/neuralode/jax`), unless `JAX_COMPILATION_CACHE_DIR` names another place. Deleting it
+    is always safe; programs that hold host callbacks (diffrax's runtime error checks) are never
+    cached and compile on every run."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or Path(cache_home) / "neuralode" / "jax")
+
+
+def use_compilation_cache() -> None:
+    """Turn on JAX's persistent compilation cache, so a second run loads what the first compiled."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(compilation_cache_dir()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 def main(module_name: str, config_cls, run: Callable, quick_overrides: dict) -> None:
-    """Entry point of `python -m experiments.<name>`, where the module is named "__main__"."""
+    """Entry point of `python -m experiments.<name>`, where the module is named "__main__".
+
+    Experiments use the persistent compilation cache; benchmarks do not, since the compile times
+    they report would then be the times to load a cached program."""
     module = sys.modules[module_name]
     if module_name == "__main__" and module.__spec__ is not None:
         module_name = module.__spec__.name
+    if not short_name(module_name).startswith("bench_"):
+        use_compilation_cache()
     run_experiment(module_name, config_cls, run, quick_overrides, sys.argv[1:], module.__doc__)
 
 

@@ -6,8 +6,10 @@ models are built with `param_dtype=jnp.float64` instead.
 
 The suite compiles hundreds of small programs and runs each a few times, so LLVM's optimisation of
 XLA's CPU code costs more than it saves: `--xla_backend_optimization_level=0` makes the suite about
-1.5x faster. It changes no arithmetic (XLA's CPU fast-math is off at every level) and no buffer
-assignment (memory statistics come from XLA's HLO passes, before LLVM). Subprocesses inherit it.
+1.5x faster. It keeps the algorithms (XLA's CPU fast-math is off at every level, so no reassociation
+is licensed) and the buffer assignment (memory statistics come from XLA's HLO passes, before LLVM);
+results can still differ in the last digits, where LLVM would have fused a multiply-add, which is far
+below every tolerance of the suite. Subprocesses inherit it.
 """
 import os
 
