@@ -88,9 +88,10 @@ def run(cfg: Config) -> dict:
     # Overhead of the data-parallel path on one device.
     graphdef, state = make_train_state(build(cfg, "resnet"), optax.adam(1e-3))
     x, y = x_all[:cfg.overhead_batch], y_all[:cfg.overhead_batch]
+    mesh = data_mesh(1)  # the state replicated once, as a training loop's steps return it
     calls = {"plain": step_call(make_train_step(graphdef, classification_loss), state, x, y)[0],
-             "sharded": step_call(data_parallel_train_step(graphdef, classification_loss, data_mesh(1)),
-                                  state, x, y)[0]}
+             "sharded": step_call(data_parallel_train_step(graphdef, classification_loss, mesh),
+                                  replicate(mesh, state), x, y)[0]}
     overhead = timed(cfg, calls, "overhead")
 
     # Weak scaling.
