@@ -26,25 +26,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import (blocking_calls, compile_all, main, save_figure, time_alternating,
-                                time_interleaved)
+from experiments.common import (blocking_calls, compile_all, flag, main, save_figure,
+                                time_alternating, time_interleaved)
 from neuralode import multigrid as mg
 
 
 @dataclasses.dataclass
 class Config:
-    out: str = "results"
-    quick: bool = False
-    n: int = 1024
-    sizes: tuple[int, ...] = (128, 256, 512, 1024, 2048)
-    rtol: float = 1e-8
-    repeats: int = 5
-    spsolve_max_n: int = 1024
-    bandwidth_n: int = 2048
-    cycle_dtype: str = dataclasses.field(default="float32", metadata={
-        "choices": ("float32", "float64"), "help": "dtype of the cycles inside the float64 correction"})
-    cores: int = dataclasses.field(default=0, metadata={
-        "help": "pin the process to this many cores before JAX starts (0: every core it may use)"})
+    out: str = flag("results", "directory of bench_multigrid.json and the figure")
+    quick: bool = flag(False, "smaller grids, fewer repeats: the QUICK settings (explicit flags still win)")
+    n: int = flag(1024, "grid of the head-to-head with pyamg and spsolve: n intervals a side, "
+                  "(n-1)^2 unknowns")
+    sizes: tuple[int, ...] = flag((128, 256, 512, 1024, 2048), "grids n of the time-per-unknown sweep; "
+                                  "the largest also gives the per-level cycle costs")
+    rtol: float = flag(1e-8, "solve until ||f - A u|| <= rtol ||f|| (ours and pyamg)")
+    repeats: int = flag(5, "timing samples per solver and per cycle level (median); the bandwidth test "
+                        "takes 3x as many")
+    spsolve_max_n: int = flag(1024, "time scipy's direct spsolve too when n is at most this")
+    bandwidth_n: int = flag(2048, "grid n of the sweep-bandwidth test ((n-1)^2 float64 per array: "
+                            "32 MiB at 2048, out of cache)")
+    cycle_dtype: str = flag("float32", "dtype of the cycles inside the float64 correction",
+                            choices=("float32", "float64"))
+    cores: int = flag(0, "pin the process to this many cores before JAX starts (0: every core it may use)")
 
 
 QUICK = {"n": 256, "sizes": (64, 128, 256, 512), "repeats": 3}

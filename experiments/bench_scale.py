@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments.common import main, save_figure, time_alternating
+from experiments.common import flag, main, save_figure, time_alternating
 from neuralode.data import load_dataset
 from neuralode.models import ODENet, ResNet
 from neuralode.parallel.data import (data_mesh, data_parallel_train_step, replicate,
@@ -38,17 +38,18 @@ from neuralode.train_step import classification_loss, make_train_state, make_tra
 
 @dataclasses.dataclass
 class Config:
-    out: str = "results"
-    quick: bool = False
-    devices: int = dataclasses.field(default=8, metadata={
-        "help": "the most devices (host CPU devices, made at start, unless JAX finds accelerators)"})
-    channels: tuple[int, ...] = dataclasses.field(default=(32, 64), metadata={"help": "widths of the stages"})
-    batch_per_device: int = dataclasses.field(default=32, metadata={"help": "weak scaling: examples per device"})
-    overhead_batch: int = dataclasses.field(default=128, metadata={"help": "batch of the overhead measurement"})
-    rtol: float = dataclasses.field(default=1e-3, metadata={"help": "ODE-Net tolerances (rtol = atol)"})
-    repeats: int = dataclasses.field(default=7, metadata={"help": "timing samples (median)"})
-    number: int = dataclasses.field(default=3, metadata={"help": "calls averaged per sample"})
-    seed: int = 0
+    out: str = flag("results", "directory of bench_scale.json and the figure")
+    quick: bool = flag(False, "fewer devices, smaller nets and batches: the QUICK settings (explicit "
+                       "flags still win)")
+    devices: int = flag(8, "the most devices: weak scaling runs on 1, 2, 4, ... up to it (host CPU devices, "
+                        "made at start, unless JAX finds accelerators)")
+    channels: tuple[int, ...] = flag((32, 64), "widths of the stages of the ResNet and the ODE-Net")
+    batch_per_device: int = flag(32, "examples per device in weak scaling and in shard_map vs jit")
+    overhead_batch: int = flag(128, "batch of the one-device overhead measurement")
+    rtol: float = flag(1e-3, "ODE-Net tolerances (rtol = atol)")
+    repeats: int = flag(7, "timing samples per train step (median)")
+    number: int = flag(3, "train steps averaged per timing sample")
+    seed: int = flag(0, "seed of the initial parameters")
 
 
 QUICK = {"devices": 4, "channels": (8, 16), "batch_per_device": 16, "overhead_batch": 64,

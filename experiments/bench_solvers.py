@@ -24,21 +24,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 import neuralode as no
-from experiments.common import main, save_figure, time_compiled, time_interleaved
+from experiments.common import flag, main, save_figure, time_compiled, time_interleaved
 
 
 @dataclasses.dataclass
 class Config:
-    out: str = "results"
-    quick: bool = False
-    width: int = dataclasses.field(default=128, metadata={"help": "features of the MLP field"})
-    batch: int = 256
-    depth: int = dataclasses.field(default=64, metadata={"help": "blocks L of the ResNet"})
-    compile_depths: tuple[int, ...] = (10, 100, 1000)
-    compile_repeats: int = 5
-    repeats: int = 15
-    number: int = dataclasses.field(default=20, metadata={"help": "calls averaged per sample"})
-    seed: int = 0
+    out: str = flag("results", "directory of bench_solvers.json and the figure")
+    quick: bool = flag(False, "smaller net, fewer repeats: the QUICK settings (explicit flags still win)")
+    width: int = flag(128, "features of the MLP field (and of the state)")
+    batch: int = flag(256, "rows of the initial state y0 in the timed forward + backward passes")
+    depth: int = flag(64, "blocks L of the ResNet (Euler steps of size 1/L) in the overhead and "
+                      "vs-diffrax timings")
+    compile_depths: tuple[int, ...] = flag((10, 100, 1000), "depths L whose compile time is measured; "
+                                           "compile_ratio = largest's / smallest's")
+    compile_repeats: int = flag(5, "fresh compiles per depth (median)")
+    repeats: int = flag(15, "timing samples per function (median)")
+    number: int = flag(20, "calls averaged per timing sample")
+    seed: int = flag(0, "seed of the ResNet's parameters and of the initial state y0")
 
 
 QUICK = {"width": 64, "batch": 64, "depth": 32, "repeats": 5, "number": 10, "compile_repeats": 3}

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from experiments.common import main, save_figure
+from experiments.common import flag, main, save_figure
 from neuralode import analysis
 
 F64 = jnp.float64
@@ -29,18 +29,21 @@ F64 = jnp.float64
 
 @dataclasses.dataclass
 class Config:
-    out: str = "results"
-    quick: bool = False
-    seed: int = 0
-    hat_max_depth: int = 12
-    poly_degrees: tuple[int, ...] = (2, 3)
-    poly_max_degree: int = 81
-    poly_width: int = 4
-    relu_width: int = 16
-    relu_input_dim: int = 4
-    relu_depths: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    relu_cells: int = 200_000
-    relu_seeds: int = 3
+    out: str = flag("results", "directory for the JSON and the figures")
+    quick: bool = flag(False, "small and short: the QUICK settings (explicit flags still win)")
+    seed: int = flag(0, "C2: seed of the polynomial blocks' random weights (plus the depth L)")
+    hat_max_depth: int = flag(12, "C1: the hat is composed L = 1..this many times (2^(L-1) peaks at L)")
+    poly_degrees: tuple[int, ...] = flag((2, 3), "C2: powers m of the blocks y + sum_j v_j (w_j y + b_j)^m")
+    poly_max_degree: int = flag(81, "C2: depths L = 1, 2, ... while the degree m^L is at most this")
+    poly_width: int = flag(4, "C2: terms j of each polynomial block")
+    relu_width: int = flag(16, "B6: hidden width of the plain and residual ReLU nets")
+    relu_input_dim: int = flag(4, "B6: input dimension of the ReLU nets (the segment runs through 0 "
+                                  "along a random direction, length 4)")
+    relu_depths: tuple[int, ...] = flag((1, 2, 4, 8, 16, 32, 64), "B6: depths (ReLU layers or blocks) at "
+                                        "which breakpoints are counted")
+    relu_cells: int = flag(200_000, "B6: grid cells along the segment in which slope changes are "
+                                    "counted (a lower bound, exact once it stops growing)")
+    relu_seeds: int = flag(3, "B6: random nets (seeds 0, 1, ...) averaged per depth and kind")
 
 
 QUICK = {"hat_max_depth": 7, "poly_max_degree": 27, "relu_depths": (1, 4, 16),

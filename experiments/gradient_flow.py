@@ -30,7 +30,7 @@ from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
 import neuralode
-from experiments.common import main, save_figure
+from experiments.common import flag, main, save_figure
 from neuralode import analysis
 from neuralode.train_step import make_train_state, make_train_step
 
@@ -39,17 +39,20 @@ F64 = jnp.float64
 
 @dataclasses.dataclass
 class Config:
-    out: str = "results"
-    quick: bool = False
-    seed: int = 0
-    width: int = 32
-    depths: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    conv_channels: int = 8
-    conv_size: int = 8
-    variance_depths: tuple[int, ...] = (1, 4, 16, 64, 256)
-    variance_samples: int = 256
-    adam_depth: int = 16
-    adam_steps: int = 50
+    out: str = flag("results", "directory for the JSON and the figures")
+    quick: bool = flag(False, "small and short: the QUICK settings (explicit flags still win)")
+    seed: int = flag(0, "seed of the weights, inputs, cotangents and training data of every measurement")
+    width: int = flag(32, "features of the B1/B2 MLP fields (hidden the same), the B3 field (hidden "
+                          "twice), the B5 ReLU blocks and the B8 sigmoid MLP")
+    depths: tuple[int, ...] = flag((1, 2, 4, 8, 16, 32, 64), "B1/B2: depths L of the plain vs residual "
+                                   "stacks of MLP and conv fields")
+    conv_channels: int = flag(8, "B1/B2: channels of the ConvField stacks")
+    conv_size: int = flag(8, "B1/B2: height and width (pixels) of the conv stacks' input")
+    variance_depths: tuple[int, ...] = flag((1, 4, 16, 64, 256), "B5: depths L of the residual ReLU nets "
+                                            "with branch scale 1, 1/sqrt(L), 1/L")
+    variance_samples: int = flag(256, "B5: random nets averaged per depth and branch scale")
+    adam_depth: int = flag(16, "B8: hidden sigmoid layers of the MLP trained with SGD and with Adam")
+    adam_steps: int = flag(50, "B8: training steps per optimiser, each on the full batch of 256 examples")
 
 
 QUICK = {"depths": (2, 6, 12), "variance_depths": (2, 16, 64), "variance_samples": 96,

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from experiments.common import main, save_figure
+from experiments.common import flag, main, save_figure
 from neuralode import multigrid as mg
 from neuralode.models import MultigridUNet
 from neuralode.train_step import make_train_state, make_train_step
@@ -27,22 +27,25 @@ from neuralode.train_step import make_train_state, make_train_step
 
 @dataclasses.dataclass
 class Config:
-    out: str = "results"
-    quick: bool = False
-    n_poisson: tuple[int, ...] = (32, 64, 128, 256)
-    n_train: int = 32
-    nu1: int = 1
-    nu2: int = 1
-    train_steps: int = 300
-    batch: int = 16
-    lr: float = 1e-2
-    loss_cycles: int = 3
-    sigma: float = 1.0
-    length: float = 0.1
-    held_out: int = 8
-    history_steps: int = 20
-    power_iterations: int = 60
-    seed: int = 0
+    out: str = flag("results", "directory for the JSON and the figures")
+    quick: bool = flag(False, "small and short: the QUICK settings (explicit flags still win)")
+    n_poisson: tuple[int, ...] = flag((32, 64, 128, 256), "2-D Poisson grid sizes n (intervals per side, "
+                                      "powers of 2) of the convergence factors; the largest also sets the "
+                                      "spectrum's grid")
+    n_train: int = flag(32, "grid size n of the training problems, the held-out comparison and the histories")
+    nu1: int = flag(1, "pre-smoothing weighted-Jacobi sweeps per level of the U-Net cycles")
+    nu2: int = flag(1, "post-smoothing weighted-Jacobi sweeps per level of the U-Net cycles")
+    train_steps: int = flag(300, "Adam steps training the U-Net's relaxation weights and transfer stencils")
+    batch: int = flag(16, "random diffusion problems (each with a random right-hand side) per training step")
+    lr: float = flag(1e-2, "Adam learning rate")
+    loss_cycles: int = flag(3, "U-Net cycles from u = 0 before the loss takes the log relative residual")
+    sigma: float = flag(1.0, "log-normal coefficients a = exp(sigma g): standard deviation of log a")
+    length: float = flag(0.1, "correlation length of the Gaussian field g, in units of the domain's side")
+    held_out: int = flag(8, "held-out coefficient fields on which learned and classical factors are compared")
+    history_steps: int = flag(20, "iterations (sweeps or cycles) in the residual histories")
+    power_iterations: int = flag(60, "power-iteration steps per convergence factor of a cycle (the "
+                                 "smoothers take ~n^2)")
+    seed: int = flag(0, "seed of the training problems, the held-out fields and the spectrum's test signals")
 
 
 QUICK = {"n_poisson": (16, 32), "n_train": 16, "train_steps": 150, "batch": 8, "held_out": 4,

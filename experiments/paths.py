@@ -27,22 +27,24 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from experiments.common import main, save_figure
+from experiments.common import flag, main, save_figure
 
 F64 = jnp.float64
 
 
 @dataclasses.dataclass
 class Config:
-    out: str = "results"
-    quick: bool = False
-    seed: int = 0
-    width: int = 32
-    weight_variance: float = 0.5  # sigma^2; the critical skip density is 1 - sigma^2
-    densities: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    depths: tuple[int, ...] = (5, 10, 20, 40)
-    samples: int = 4000
-    dense_max_depth: int = 40
+    out: str = flag("results", "directory for the JSON and the figures")
+    quick: bool = flag(False, "small and short: the QUICK settings (explicit flags still win)")
+    seed: int = flag(0, "seed of the random skips, the weights and the cotangent")
+    width: int = flag(32, "features n of every linear layer of the random-skip nets")
+    weight_variance: float = flag(0.5, "sigma^2: weights are N(0, sigma^2 / n); the critical skip "
+                                       "density is 1 - sigma^2")
+    densities: tuple[float, ...] = flag((0.0, 0.25, 0.5, 0.75, 1.0), "skip densities p: the probability "
+                                        "that a layer carries an identity skip")
+    depths: tuple[int, ...] = flag((5, 10, 20, 40), "depths L (layers) of the random-skip nets")
+    samples: int = flag(4000, "random nets (skips and weights) averaged per depth and density")
+    dense_max_depth: int = flag(40, "DenseNet paths are counted for L = 1..this many layers")
 
 
 QUICK = {"depths": (5, 10, 20), "samples": 1000, "dense_max_depth": 12}

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 import neuralode
-from experiments.common import main, save_figure
+from experiments.common import flag, main, save_figure
 from neuralode import analysis
 
 F64 = jnp.float64
@@ -31,14 +31,16 @@ F64 = jnp.float64
 
 @dataclasses.dataclass
 class Config:
-    out: str = "results"
-    quick: bool = False
-    seed: int = 0
-    width: int = 16
-    depth: int = 1024
-    betas: tuple[float, ...] = (0.05, 0.2)
-    block_inputs: int = 256
-    blocks_checked: int = 16
+    out: str = flag("results", "directory for the JSON and the figures")
+    quick: bool = flag(False, "small and short: the QUICK settings (explicit flags still win)")
+    seed: int = flag(0, "seed of the fields' weights and of the inputs")
+    width: int = flag(16, "features of every MLPField (its hidden width too)")
+    depth: int = flag(1024, "blocks L of the stack; singular values of dx_l/dx_0 for every l <= L")
+    betas: tuple[float, ...] = flag((0.05, 0.2), "beta of the scaled blocks (1 - beta) x + beta / Lip(g) "
+                                    "g(x), one case each (plus the unscaled x + g(x))")
+    block_inputs: int = flag(256, "random inputs (N(0, 9) entries) at which each checked block's ||J|| "
+                                  "is measured")
+    blocks_checked: int = flag(16, "the first this many blocks have ||J|| checked at those inputs")
 
 
 QUICK = {"depth": 128, "block_inputs": 64, "blocks_checked": 8}

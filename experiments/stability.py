@@ -27,7 +27,7 @@ import scipy.linalg
 from flax import nnx
 
 import neuralode
-from experiments.common import main, save_figure
+from experiments.common import flag, main, save_figure
 from neuralode import analysis
 from neuralode.models.spec import RUNGE_KUTTA
 from neuralode.train_step import make_train_state, make_train_step
@@ -38,18 +38,20 @@ SOLVERS = {name: neuralode.models.SOLVERS[name]() for name in RUNGE_KUTTA}
 
 @dataclasses.dataclass
 class Config:
-    out: str = "results"
-    quick: bool = False
-    seed: int = 0
-    dim: int = 4
-    horizon: float = 4.0
-    steps: int = 200
-    unstable_steps: int = 7
-    train_steps: int = 300
-    field_steps: int = 4
-    hr_width: int = 8
-    hr_step: float = 0.1
-    hr_steps: int = 2000
+    out: str = flag("results", "directory for the JSON and the figures")
+    quick: bool = flag(False, "small and short: the QUICK settings (explicit flags still win)")
+    seed: int = flag(0, "seed of A and y0 (A3), of the trained field and its inputs, and of W and b "
+                        "(Haber-Ruthotto)")
+    dim: int = flag(4, "A3: dimension of the random stable linear system y' = A y")
+    horizon: float = flag(4.0, "A3: time horizon of the Euler solves (h = horizon / steps)")
+    steps: int = flag(200, "A3: Euler steps of the stable run (small h)")
+    unstable_steps: int = flag(7, "A3: Euler steps of the unstable run (large h: rho(I + hA) > 1)")
+    train_steps: int = flag(300, "Adam steps fitting the MLPField to a damped oscillator's flow over [0, 1]")
+    field_steps: int = flag(4, "RK4 steps over [0, 1] in that fit; the regions plot h lambda for "
+                               "h = 1 / field_steps and 4 h")
+    hr_width: int = flag(8, "Haber-Ruthotto: state dimension n of K = W - W^T (W is n x n)")
+    hr_step: float = flag(0.1, "Haber-Ruthotto: step size h of forward Euler and leapfrog")
+    hr_steps: int = flag(2000, "Haber-Ruthotto: steps of the long-horizon gains (horizon hr_step * hr_steps)")
 
 
 QUICK = {"train_steps": 60, "hr_steps": 200}

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.common import main, save_figure
+from experiments.common import flag, main, save_figure
 
 F64 = jnp.float64
 PADDINGS = {"symmetric (PyTorch padding=1)": ((1, 1), (1, 1)), "SAME (TF/flax)": "SAME"}
@@ -35,11 +35,12 @@ SHORTCUT_PADDING = {"symmetric (PyTorch padding=1)": ((0, 0), (0, 0)), "SAME (TF
 
 @dataclasses.dataclass
 class Config:
-    out: str = "results"
-    quick: bool = False
-    sizes: tuple[int, ...] = (128, 129)
-    strides: tuple[int, ...] = (2, 2, 2, 2)
-    channels: int = 2
+    out: str = flag("results", "directory for the JSON and the figures")
+    quick: bool = flag(False, "small and short: the QUICK settings (explicit flags still win)")
+    sizes: tuple[int, ...] = flag((128, 129), "side lengths n of the square inputs, at least one even and "
+                                  "one odd; the first also feeds the source's block")
+    strides: tuple[int, ...] = flag((2, 2, 2, 2), "stride of each stage of the stack, one stage per entry")
+    channels: int = flag(2, "channels of every convolution (input, hidden and output; all-ones kernels)")
 
 
 QUICK = {"sizes": (64, 65), "strides": (2, 2, 2)}

@@ -37,3 +37,14 @@ def test_unknown_experiment_names_fail_before_anything_runs(tmp_path):
     done = run_main(tmp_path, "--only", "paths", "nonsense")
     assert done.returncode == 2 and "--only: unknown experiments ['nonsense']" in done.stderr
     assert "===" not in done.stdout and not (tmp_path / "out").exists()
+
+
+def test_every_flag_of_every_experiment_has_a_help_text():
+    import dataclasses
+    import importlib
+
+    from experiments.__main__ import experiment_names
+
+    missing = {name: [f.name for f in dataclasses.fields(importlib.import_module(f"experiments.{name}").Config)
+                      if not f.metadata.get("help")] for name in experiment_names()}
+    assert not {name: fields for name, fields in missing.items() if fields}

@@ -174,7 +174,3 @@ def test_bad_sweep_settings_fail_before_any_training():
         run(Config(fixed_steps=(0, 2)))
     with pytest.raises(ValueError, match="sweep_rtols: expected positive"):
         run(Config(sweep_rtols=(1e-3, -1.0)))
-
-
-def test_every_setting_has_a_help_text():
-    assert all(field.metadata.get("help") for field in dataclasses.fields(Config))
