@@ -159,8 +159,8 @@ def run_experiment(module_name: str, config_cls, run: Callable, quick_overrides:
 def compilation_cache_dir() -> Path:
     """Where `main` keeps compiled XLA programs between runs: `$XDG_CACHE_HOME/neuralode/jax`
     (`~/.cache/neuralode/jax`), unless `JAX_COMPILATION_CACHE_DIR` names another place. Deleting it
-    is always safe; programs that hold host callbacks (diffrax's runtime error checks) are never
-    cached and compile on every run."""
+    is always safe; programs that hold host callbacks (equinox's value checks, inside every model's
+    solve) are never cached and compile on every run."""
     cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or Path(cache_home) / "neuralode" / "jax")
 
