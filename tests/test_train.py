@@ -334,7 +334,9 @@ def test_sigint_saves_the_current_step_then_raises_keyboard_interrupt(reference,
             if rng is not None:  # training, not evaluation
                 yielded.append(1)
                 if len(yielded) == 13:
-                    os.kill(os.getpid(), signal.SIGINT)
+                    current = signal.getsignal(signal.SIGINT)
+                    assert getattr(current, "__name__", None) == "_handle", f"SIGINT handler: {current!r}"
+                    signal.raise_signal(signal.SIGINT)  # to this (the main) thread, before it returns
             yield batch
 
     monkeypatch.setattr(training, "batches", batches_interrupted_at_step_13)
