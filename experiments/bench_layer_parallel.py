@@ -42,7 +42,7 @@ one-device forward+backward run, K_b for K. Predicted speed-up = serial time / T
 counts P > 1 and both passes. `predicted_speedup` extrapolates to P = 8 ... 1024 devices at depth
 `predict_depth` with C_P = P, the costs of the largest measured depth and lam of the most devices
 measured that had a core each; beside it `work_model_speedup` is the idealised S(P, m, K) =
-N / (N/m + K (N/P + N/m)) of issue 24 (equal step costs, no communication). Run times exclude
+N / (N/m + K (N/P + N/m)) (Guenther et al. 2020: equal step costs, no communication). Run times exclude
 compilation (reported apart), block on results, and are medians of interleaved repeats.
 """
 from __future__ import annotations
