@@ -18,12 +18,17 @@ from neuralode.stepping import Dynamics, step_times
 
 
 class RESULTS(diffrax.RESULTS):
-    """diffrax's statuses, plus one for a vector field that returns non-finite values."""
+    """diffrax's statuses, plus one for a vector field that returns non-finite values and one per
+    value rule of `solve`'s traced arguments (reported, not raised, with `throw=False`)."""
 
     nonfinite_field = ("the vector field f returned non-finite values (nan or inf): the solve "
                        "stopped at max_steps with most of its rejected steps non-finite, so f is "
                        "not finite near the solution, or the solution blows up. Check f (and its "
                        "parameters) for nan/inf")
+    invalid_ts = "ts must be finite and strictly monotone (increasing, or decreasing to integrate backwards)"
+    nonfinite_y0 = "y0 contains non-finite values (nan or inf)"
+    invalid_rtol = "rtol must be > 0 (and finite)"
+    invalid_atol = "atol must be >= 0 (and finite)"
 
 
 class AdaptiveOptions(NamedTuple):
@@ -147,9 +152,12 @@ def diffrax_solve(dynamics: Dynamics, solver, y0, ts, args, *, controller, adjoi
     counting = isinstance(controller, diffrax.AbstractAdaptiveStepSizeController)
     if counting:
         controller = CountingController(controller)
+    # Two times are saved as t0 and t1: SaveAt(ts=...) checks its traced ts with a host callback
+    # (equinox's error_if), which would keep the program out of JAX's compilation cache.
+    where = dict(t0=True, t1=True) if ts.shape[0] == 2 and event is None else dict(ts=ts)
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(vector_field), solver, t0=ts[0], t1=ts[-1], dt0=None, y0=y0,
-        args=(args, dynamics.tied), saveat=diffrax.SaveAt(ts=ts, dense=dense,
+        args=(args, dynamics.tied), saveat=diffrax.SaveAt(**where, dense=dense,
                                                           controller_state=counting),
         stepsize_controller=controller, adjoint=adjoint, max_steps=max_steps, event=event,
         throw=False)

@@ -1,9 +1,10 @@
 """`odeint` and `solve`: validation, dispatch to the fixed-step loops or to diffrax, statistics.
 
 Errors come in three tiers (docs/design.md, `neuralode.validation`): static misuse raises
-ValueError/TypeError before tracing, naming the argument; values are checked eagerly when concrete
-and with `equinox.error_if` under `jit`; solver failure (max_steps reached, a vector field that
-returns nan/inf) is `Solution.result`, and raises unless `solve(..., throw=False)`.
+ValueError/TypeError before tracing, naming the argument; values are checked eagerly when concrete;
+traced values breaking a rule and solver failure (max_steps reached, a vector field that returns
+nan/inf) are `Solution.result`, raised under `jit` by `equinox.error_if` unless
+`solve(..., throw=False)`.
 
 Eager calls are compiled once: the solve runs under an inner `equinox.filter_jit` keyed on the
 static parts (the field's function or nnx graph, solver, adjoint, options, shapes), taking the
@@ -141,8 +142,13 @@ def solve(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolver
     """Integrate dy/dt = f(t, y, args) from ts[0] and return a `Solution` with the states at `ts`.
 
     Arguments are those of `odeint`, plus:
-    throw: whether a failed solve (max_steps reached, f returning nan/inf) raises (True) or is
-        reported in `Solution.result` (False).
+    throw: whether a failed solve (max_steps reached, f returning nan/inf) or a traced argument
+        that breaks a value rule (y0 not finite, ...) raises when the program runs (True, by an
+        `equinox.error_if`: a host callback) or is reported in `Solution.result` (False: the
+        program holds no callback of ours, so JAX's persistent compilation cache keeps it, and a
+        step sharded over devices cannot stop on one of them alone; the caller must read the
+        result). The models of `neuralode.models` solve with False and report failures in their
+        stats (`failed_solves`), which `train` checks after every step.
     controlled (adaptive solvers only): a function of a state-shaped pytree returning the parts
         whose local error the step-size controller bounds (None: all of it). Leave out quadrature
         states, integrals carried along that the field never reads (RNODE's regularisers): their
@@ -187,7 +193,10 @@ def solve(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolver
 
 
 def _solve(options: _Options, y0, ts, args, tied, stacked, rtol, atol) -> Solution:
-    ts = validation.attach_value_checks(ts, y0, rtol, atol)
+    invalid = validation.traced_value_checks(ts, y0, rtol, atol)
+    if options.throw:  # the checks ride on the small ts, which every solve uses (on y0 they cost
+        for bad, status in invalid:  # 5 % of a ResNet step: on the state's path both ways)
+            ts = status.error_if(ts, bad)
     validation.check_field_output(options.func, ts, y0, args, tied, stacked)
     if options.check_finite:
         inexact, rest = eqx.partition((y0, args, tied, stacked), eqx.is_inexact_array)
@@ -218,7 +227,10 @@ def _solve(options: _Options, y0, ts, args, tied, stacked, rtol, atol) -> Soluti
         result = RESULTS.successful
     # diffrax computes in the dtype of the times where it is wider; the states keep y0's dtypes.
     ys = jax.tree.map(lambda y, y0: y.astype(y0.dtype), ys, y0)
-    if options.throw:
+    if not options.throw:  # reported: the first broken value rule, else the solver's status
+        for bad, status in reversed(invalid):
+            result = RESULTS.where(bad, status, result)
+    else:
         ok = (result == RESULTS.successful) | (result == RESULTS.event_occurred)
         ys = result.error_if(ys, ~ok)
     if options.check_finite:

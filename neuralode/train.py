@@ -22,6 +22,11 @@ The default loss is `classification_loss` (cross-entropy against integer labels,
 `loss_fn(model, x, y) -> (loss, metrics)` replaces it, for targets `y` of any shape (regression,
 several outputs); every scalar in `metrics` is averaged over the epoch, weighted by batch size, and
 logged with a `train_`/`test_` prefix.
+
+Every step is checked on the host before anything of it is saved: a model reporting
+`failed_solves > 0` (the models of `neuralode.models` report their solver failures instead of
+raising them from inside the compiled step) raises `RuntimeError`, and so do parameters that are no
+longer finite (`FloatingPointError`); the run directory keeps its last good checkpoint.
 """
 
 from __future__ import annotations
@@ -185,7 +190,9 @@ def train(
                 started = time.perf_counter()
                 for x, y in _training_batches(dataset, config, progress.epoch, progress.batch):
                     state, metrics = train_step(state, x.astype(dtype), y)
-                    progress.add(jax.device_get(metrics), len(y))
+                    metrics = jax.device_get(metrics)
+                    _check_step(metrics, f"step {progress.step + 1}")
+                    progress.add(metrics, len(y))
                     bar.update()
                     bar.set_postfix({k: f"{v:.4f}" for k, v in progress.means().items()
                                      if k in ("loss", "accuracy")}, refresh=False)
@@ -266,8 +273,21 @@ def _evaluate(eval_step: Callable, model_state: nnx.State, dataset: Dataset, bat
     """The test split's metrics, averaged over examples."""
     totals = _Progress()
     for x, y in batches(dataset.x_test, dataset.y_test, batch_size):
-        totals.add(jax.device_get(eval_step(model_state, x.astype(dtype), y)), len(y))
+        metrics = jax.device_get(eval_step(model_state, x.astype(dtype), y))
+        _check_step(metrics, "the evaluation on the test split")
+        totals.add(metrics, len(y))
     return totals.means() if totals.examples else {}
+
+
+def _check_step(metrics: dict[str, Any], where: str) -> None:
+    """Raise if the step's model reported a failed ODE solve."""
+    failed = metrics.get("failed_solves", 0)
+    if np.ndim(failed) == 0 and failed > 0:
+        raise RuntimeError(
+            f"{where}: an ODE solve of the model failed (failed_solves = {float(failed):g}: "
+            "max_steps reached, a vector field returning nan/inf, or a non-finite state entering "
+            "a stage); nothing of this step was saved. Call model(x) on the batch for the solver's "
+            "message; raise the model's max_steps or lower the learning rate, then resume")
 
 
 def _save(store: CheckpointStore, stop: _StopOnSignal, state: nnx.State, progress: _Progress,

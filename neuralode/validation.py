@@ -3,9 +3,10 @@
 1. static misuse (types, shapes, options that do not go together) raises ValueError/TypeError
    before anything is traced, naming the argument and the rule;
 2. values (y0 finite, ts finite and strictly monotone, rtol > 0, atol >= 0) are checked eagerly
-   when they are concrete, with the same ValueError, and with `equinox.error_if` when they are
-   traced (under `jit`), which raises when the program runs;
-3. solver failure is a status (`Solution.result`), raised unless `throw=False` (integrate.py).
+   when they are concrete, with the same ValueError; when they are traced (under `jit`) they are
+   a status of the solve (`Solution.result`), as is
+3. solver failure; a status other than success raises when the program runs (`equinox.error_if`,
+   a host callback), or with `throw=False` is only reported, and the program has no callback.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import inspect
 from typing import Callable
 
 import diffrax
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,23 +153,23 @@ def check_ts(ts, dtype):
     return jnp.asarray(ts)
 
 
-def attach_value_checks(ts, y0, rtol, atol):
-    """`equinox.error_if` for the values that were traced when `solve` was called. The checks ride
-    on the small `ts`, which every solve uses (wrapping y0 itself put the error primitive on the
-    state's path through the forward and backward passes: 5 % of a ResNet step)."""
+def traced_value_checks(ts, y0, rtol, atol) -> list[tuple[jax.Array, adaptive.RESULTS]]:
+    """The value rules for those of `solve`'s arguments that are traced (concrete ones were checked
+    eagerly): `(bad, status)` pairs, `bad` a scalar bool and `status` the `RESULTS` item naming the
+    rule. `solve` raises them (`status.error_if`) or, with `throw=False`, reports them as its result."""
+    checks = []
     if is_traced(ts):
         steps = jnp.diff(ts)
         bad = ~(jnp.all(steps > 0) | jnp.all(steps < 0)) | ~jnp.all(jnp.isfinite(ts))
-        ts = eqx.error_if(ts, bad, "ts must be finite and strictly monotone (increasing, or "
-                                   "decreasing to integrate backwards)")
+        checks.append((bad, adaptive.RESULTS.invalid_ts))
     if is_traced(y0):
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(y0)]))
-        ts = eqx.error_if(ts, ~finite, "y0 contains non-finite values (nan or inf)")
+        checks.append((~finite, adaptive.RESULTS.nonfinite_y0))
     if is_traced(rtol):
-        ts = eqx.error_if(ts, ~(rtol > 0), "rtol must be > 0 (and finite)")
+        checks.append((~(rtol > 0), adaptive.RESULTS.invalid_rtol))
     if is_traced(atol):
-        ts = eqx.error_if(ts, ~(atol >= 0), "atol must be >= 0 (and finite)")
-    return ts
+        checks.append((~(atol >= 0), adaptive.RESULTS.invalid_atol))
+    return checks
 
 
 def check_module_call(module: nnx.Module) -> None:

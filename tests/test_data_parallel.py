@@ -52,7 +52,10 @@ def test_eight_host_devices_take_the_one_device_step(tmp_path):
         assert trained[key] <= STEP, (key, trained)
     assert trained["record_keys"] == [], trained
 
-    nan = results["nan_error"]  # non-finite input on one device: an exception, not an abort
+    # Non-finite input on one device: reported by the one-program step (both stages of the 1 of 8
+    # devices fail: a mean of 2/8), and an exception, not an abort, from a loss that raises it.
+    assert results["nan_reported"] == 2 / 8, results["nan_reported"]
+    nan = results["nan_error"]
     assert nan["type"] == "JaxRuntimeError" and nan["non_finite"], nan
     assert "a value check of the model failed there" in nan["notes"][0], nan
     errors = results["errors"]

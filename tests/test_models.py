@@ -4,6 +4,7 @@ final, clear errors."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import scipy.integrate
 import scipy.linalg
@@ -12,6 +13,7 @@ from flax import nnx
 import neuralode as no
 from neuralode.models import ODENet, PlainNet, ResNet, RKNet
 from neuralode.models.classifiers import _Classifier, _DepthStackNet, rnode_solve
+from neuralode.parallel.data import holds_host_callback
 from neuralode.train import classification_loss
 
 F64 = jnp.float64
@@ -132,7 +134,7 @@ def test_rnode_integrals_equal_quadrature_on_a_linear_field():
     y0 = np.array([[1.0, -0.5, 0.3], [0.2, 0.8, -1.0]])
     noise = np.array([[0.5, -1.2, 0.7], [1.5, 0.1, -0.3]])
     horizon = 1.5
-    y1, kinetic, jacobian, stats = rnode_solve(
+    y1, kinetic, jacobian, stats, _ = rnode_solve(
         LinearField(jnp.asarray(a)), jnp.asarray(y0), jnp.asarray(noise), horizon,
         solver=no.Dopri5(), rtol=1e-10, atol=1e-12)
     for i in range(2):
@@ -161,11 +163,37 @@ def test_odenet_rnode_stats_and_noise_state():
     assert float(first["jacobian"]) != float(second["jacobian"])  # fresh Hutchinson noise
     model.eval()
     _, evaluation = model.forward(x)
-    assert set(evaluation) == {"nfe"} and int(evaluation["nfe"]) == int(first["nfe"])
+    assert set(evaluation) == {"nfe", "failed_solves"} and int(evaluation["nfe"]) == int(first["nfe"])
 
 
 def conv(kernel, cin, cout, spatial_dims):
     return kernel**spatial_dims * cin * cout + cout
+
+
+@pytest.mark.parametrize("cls, options", [
+    (ResNet, {}), (RKNet, {}), (ODENet, dict(adjoint=no.CheckpointAdjoint()))],
+    ids=["ResNet", "RKNet", "ODENet"])
+def test_failed_solves_are_reported_by_forward_raised_by_call_and_the_step_has_no_callback(cls, options):
+    # forward reports (the train step stays free of host callbacks: cacheable, and one program
+    # over a mesh); model(x) raises the status of the first failed stage.
+    model = cls(1, 3, rngs=nnx.Rngs(0), **SMALL, **options)
+    x = batch(2)
+    graphdef, state = no.make_train_state(model, optax.sgd(0.1))
+    step = no.make_train_step(graphdef, classification_loss)
+    assert not holds_host_callback(step.trace(state, x, jnp.array([0, 1, 2])).jaxpr)
+    assert int(nnx.jit(lambda m, x: m.forward(x)[1]["failed_solves"])(model, x)) == 0
+    bad = x.at[1, 2, 3, 0].set(jnp.nan)  # both stages start from non-finite states
+    assert int(nnx.jit(lambda m, x: m.forward(x)[1]["failed_solves"])(model, bad)) == 2
+    with pytest.raises(Exception, match="y0 contains non-finite values"):
+        jax.block_until_ready(nnx.jit(lambda m, x: m(x))(model, bad))
+
+
+def test_an_odenet_out_of_steps_reports_each_failed_stage_and_raises_max_steps():
+    model = ODENet(1, 3, channels=(4, 6), rtol=1e-9, atol=1e-9, max_steps=3, param_dtype=F64,
+                   rngs=nnx.Rngs(0))
+    assert int(nnx.jit(lambda m, x: m.forward(x)[1]["failed_solves"])(model, batch(2))) == 2
+    with pytest.raises(Exception, match="max_steps"):
+        jax.block_until_ready(nnx.jit(lambda m, x: m(x))(model, batch(2)))
 
 
 @pytest.mark.parametrize("spatial_dims", [1, 2])

@@ -363,6 +363,18 @@ def test_a_diverging_run_writes_no_checkpoint_of_non_finite_parameters(tmp_path)
     assert checkpoint_steps(tmp_path) == [1]  # orbax saves the first step; its parameters were still finite
 
 
+def test_a_failed_ode_solve_stops_the_run_before_its_step_is_saved(tmp_path):
+    # The models report failures (failed_solves) from inside the compiled step; train raises them.
+    from neuralode.adjoints import CheckpointAdjoint
+    from neuralode.models import ODENet
+    model = ODENet(1, 4, channels=(4,), spatial_dims=1, rtol=1e-9, atol=1e-9, max_steps=3,
+                   adjoint=CheckpointAdjoint(), rngs=nnx.Rngs(0))
+    config = dataclasses.replace(train_script.CONFIG, checkpoint_every=1)
+    with pytest.raises(RuntimeError, match=r"step 1: an ODE solve of the model failed \(failed_solves = 1"):
+        train(model, train_script.tiny_dataset(), config, tmp_path)
+    assert checkpoint_steps(tmp_path) == []
+
+
 def test_shifts_as_large_as_the_input_and_an_empty_training_split_are_refused(tmp_path):
     data = train_script.tiny_dataset()  # sequences of length 8
     too_far = dataclasses.replace(train_script.CONFIG, augment_shift=8)

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import neuralode as no
+from neuralode.parallel.data import holds_host_callback
 
 W = jnp.array([[0.5, -1.0, 0.2], [1.2, 0.3, -0.4], [0.1, 0.7, -0.6]])
 T01 = jnp.array([0.0, 1.0])
@@ -117,6 +118,28 @@ def test_error_max_steps_reached_raises_or_is_reported():
         jax.block_until_ready(no.odeint(stiff, jnp.ones(1), T01, max_steps=16))
     sol = no.solve(stiff, jnp.ones(1), T01, max_steps=16, throw=False)
     assert bool(sol.max_steps_reached) and sol.result == no.RESULTS.max_steps_reached
+
+
+@pytest.mark.parametrize("solver", [no.Euler(), no.Dopri5()], ids=repr)
+def test_throw_false_reports_every_traced_value_rule_and_holds_no_host_callback(solver):
+    # With throw=False a broken rule is the solve's result (the first broken one, before any
+    # solver status), and the program holds no host callback, so JAX's compilation cache keeps it.
+    def run(y0, ts, rtol):
+        sol = no.solve(field, y0, ts, solver=solver, rtol=rtol, throw=False)
+        return sol.ys, sol.result
+
+    good = (jnp.ones(3), T01, 1e-6)
+    cases = {"successful": good, "nonfinite_y0": (jnp.array([1.0, jnp.nan, 0.0]), T01, 1e-6),
+             "invalid_ts": (jnp.ones(3), jnp.array([0.0, 0.0]), 1e-6),
+             "invalid_rtol": (jnp.ones(3), T01, -1.0)}
+    for status, args in cases.items():
+        assert jax.jit(run)(*args)[1] == getattr(no.RESULTS, status), status
+    nan_y0_and_ts = (jnp.array([jnp.nan, 0.0, 0.0]), jnp.array([0.0, 0.0]), 1e-6)
+    assert jax.jit(run)(*nan_y0_and_ts)[1] == no.RESULTS.invalid_ts
+    inside = lambda y0: no.solve(field, y0, T01, solver=solver, throw=False).ys  # noqa: E731
+    assert not holds_host_callback(jax.make_jaxpr(inside)(jnp.ones(3)))
+    raising = lambda y0: no.solve(field, y0, T01, solver=solver).ys  # noqa: E731
+    assert holds_host_callback(jax.make_jaxpr(raising)(jnp.ones(3)))
 
 
 def test_error_fixed_steps_beyond_max_steps():

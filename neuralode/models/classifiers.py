@@ -25,8 +25,14 @@ Options shared by all: `channels` (one width per stage), `spatial_dims`, `kernel
 `stem_kernel_size`, `norm` (GroupNorm in the fields), `activation`, `param_dtype`.
 
 `model(x)` returns logits; `model.forward(x)` returns `(logits, stats)` with the forward NFE summed
-over stages and, for RNODE in training mode, the regularisation terms;
+over stages, `failed_solves` and, for RNODE in training mode, the regularisation terms;
 `neuralode.train.classification_loss` adds the regulariser to the loss and logs the NFE.
+
+Failures are reported, not raised, by `forward`: every stage solves with `throw=False`, and
+`failed_solves` counts the stages whose solve did not succeed (max_steps reached, a non-finite field
+or a non-finite input state), so the compiled train step holds no host callback (JAX's compilation
+cache keeps it, and a data-parallel step is one program); `train` raises after any step with
+`failed_solves > 0`. `model(x)` raises such a failure itself (`equinox.error_if`).
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from neuralode.adaptive import RESULTS
 from neuralode.adjoints import AbstractAdjoint, BacksolveAdjoint, DiscreteAdjoint
 from neuralode.fields import ConvField, DepthStack
 from neuralode.integrate import solve
@@ -97,30 +104,42 @@ class _Classifier(nnx.Module, abc.ABC):
         self.head = nnx.Linear(stage_channels[-1], num_classes, param_dtype=param_dtype, rngs=rngs)
 
     @abc.abstractmethod
-    def _stage(self, index: int, y) -> tuple[jax.Array, dict]:
-        """Stage `index` applied to `y`: the new state and its statistics (`nfe`, ...)."""
+    def _stage(self, index: int, y) -> tuple[jax.Array, dict, RESULTS]:
+        """Stage `index` applied to `y`: the new state, its statistics (`nfe`, ...) and the
+        status of its solve (`RESULTS`)."""
 
     def forward(self, x) -> tuple[jax.Array, dict]:
-        """Logits and statistics: `nfe` (field evaluations of the forward pass, all stages), for
+        """Logits and statistics: `nfe` (field evaluations of the forward pass, all stages),
+        `failed_solves` (stages whose solve failed: their states are not to be trusted), for
         fixed-step models `nfe_backward` (those of backprop), for RNODE models in training mode
         `kinetic`, `jacobian` and `regularisation`."""
+        logits, stats, _ = self._forward(x)
+        return logits, stats
+
+    def __call__(self, x) -> jax.Array:
+        """The logits; raises (when the program runs) if a stage's solve failed."""
+        logits, _, result = self._forward(x)
+        return result.error_if(logits, result != RESULTS.successful)
+
+    def _forward(self, x) -> tuple[jax.Array, dict, RESULTS]:
+        """Logits, statistics and the status of the first stage whose solve failed."""
         expected = self.spatial_dims + 2
         if x.ndim != expected or x.shape[-1] != self.in_channels:
             layout = "NWC" if self.spatial_dims == 1 else "NHWC"
             raise ValueError(f"x must be a {layout} batch of {expected} axes with "
                              f"{self.in_channels} channel(s) last, got shape {x.shape}")
-        y, totals = self.stem(x), {}
+        y, totals, result = self.stem(x), {"failed_solves": 0}, RESULTS.successful
         for index in range(len(self.stages)):
             if index > 0:
                 y = self.transitions[index - 1](y)
-            y, stats = self._stage(index, y)
+            y, stats, status = self._stage(index, y)
+            failed = status != RESULTS.successful
+            stats["failed_solves"] = failed.astype(jnp.int32)
+            result = RESULTS.where(result == RESULTS.successful, status, result)
             for name, value in stats.items():
                 totals[name] = totals.get(name, 0) + value
         pooled = jnp.mean(self.activation(y), axis=tuple(range(1, y.ndim - 1)))
-        return self.head(pooled), totals
-
-    def __call__(self, x) -> jax.Array:
-        return self.forward(x)[0]
+        return self.head(pooled), totals, result
 
 
 def _stacks(channels, blocks, kernel_size, spatial_dims, norm, activation, param_dtype, rngs):
@@ -158,8 +177,9 @@ class ResNet(_DepthStackNet):
 
     def _stage(self, index, y):
         ts = jnp.array([0.0, self.blocks * self.step_size], y.dtype)
-        sol = solve(self.stages[index], y, ts, solver=Euler(), substeps=self.blocks)
-        return sol.ys[-1], {"nfe": sol.stats["nfe"], "nfe_backward": sol.stats["nfe_backward"]}
+        sol = solve(self.stages[index], y, ts, solver=Euler(), substeps=self.blocks, throw=False)
+        stats = {"nfe": sol.stats["nfe"], "nfe_backward": sol.stats["nfe_backward"]}
+        return sol.ys[-1], stats, sol.result
 
 
 class PlainNet(_DepthStackNet):
@@ -175,7 +195,7 @@ class PlainNet(_DepthStackNet):
 
         ks = jnp.arange(self.blocks, dtype=y.dtype)
         stats = {"nfe": self.blocks, "nfe_backward": self.blocks}  # one vjp per block
-        return jax.lax.scan(block, y, (ks, stacked))[0], stats
+        return jax.lax.scan(block, y, (ks, stacked))[0], stats, RESULTS.successful
 
 
 def _tied_fields(channels, kernel_size, spatial_dims, norm, activation, param_dtype, rngs):
@@ -213,8 +233,9 @@ class RKNet(_Classifier):
     def _stage(self, index, y):
         ts = jnp.array([0.0, self.horizon], y.dtype)
         sol = solve(self.stages[index], y, ts, solver=self.solver, substeps=self.steps,
-                    adjoint=DiscreteAdjoint())
-        return sol.ys[-1], {"nfe": sol.stats["nfe"], "nfe_backward": sol.stats["nfe_backward"]}
+                    adjoint=DiscreteAdjoint(), throw=False)
+        stats = {"nfe": sol.stats["nfe"], "nfe_backward": sol.stats["nfe_backward"]}
+        return sol.ys[-1], stats, sol.result
 
 
 class RNODEDynamics(nnx.Module):
@@ -238,7 +259,8 @@ class RNODEDynamics(nnx.Module):
 
 def rnode_solve(field: nnx.Module, y0, noise, horizon: float = 1.0, **solve_options):
     """Solve dy/dt = field(t, y) over [0, horizon] together with the RNODE integrands; returns
-    `(y1, kinetic, jacobian, stats)` with `kinetic`, `jacobian` per example (leading axis of y0).
+    `(y1, kinetic, jacobian, stats, result)` with `kinetic`, `jacobian` per example (leading axis
+    of y0) and the solve's status (`Solution.result`).
 
     The integrands are quadratures: the step-size controller bounds the error of y alone, so the
     regularised training solve takes the steps of the unregularised evaluation solve (controlling
@@ -250,7 +272,7 @@ def rnode_solve(field: nnx.Module, y0, noise, horizon: float = 1.0, **solve_opti
                 jnp.array([0.0, horizon], y0.dtype), controlled=lambda state: state[0],
                 **solve_options)
     y, kinetic, jacobian = (part[-1] for part in sol.ys)
-    return y, kinetic, jacobian, sol.stats
+    return y, kinetic, jacobian, sol.stats, sol.result
 
 
 class ODENet(_Classifier):
@@ -309,7 +331,7 @@ class ODENet(_Classifier):
 
     def _solve_options(self):
         return dict(solver=self.solver, adjoint=self.adjoint, rtol=self.rtol, atol=self.atol,
-                    max_steps=self.max_steps)
+                    max_steps=self.max_steps, throw=False)
 
     def _stage(self, index, y):
         if self.augment_channels:
@@ -318,11 +340,11 @@ class ODENet(_Classifier):
         field = self.stages[index]
         if self.regularised and not self.deterministic:
             noise = jax.random.normal(self.noise_rngs.noise(), y.shape, y.dtype)
-            y, kinetic, jacobian, stats = rnode_solve(field, y, noise, self.horizon,
-                                                      **self._solve_options())
+            y, kinetic, jacobian, stats, result = rnode_solve(field, y, noise, self.horizon,
+                                                              **self._solve_options())
             kinetic, jacobian = jnp.mean(kinetic), jnp.mean(jacobian)
             return y, {"nfe": stats["nfe"], "kinetic": kinetic, "jacobian": jacobian,
                        "regularisation": self.kinetic_weight * kinetic
-                       + self.jacobian_weight * jacobian}
+                       + self.jacobian_weight * jacobian}, result
         sol = solve(field, y, jnp.array([0.0, self.horizon], y.dtype), **self._solve_options())
-        return sol.ys[-1], {"nfe": sol.stats["nfe"]}
+        return sol.ys[-1], {"nfe": sol.stats["nfe"]}, sol.result

@@ -1,23 +1,26 @@
 """Data parallelism: the batch sharded over the mesh axis `data`, every device its own solve.
 
-A train step on a mesh of N devices is two programs, both JAX's own SPMD machinery:
+A train step on a mesh of N devices is one program, by JAX's own SPMD machinery:
 
 1. `jax.shard_map` over `data`: each device takes its B/N examples, the replicated model and
    computes the loss, the metrics and the gradient of its own part, with no communication at all.
    An adaptive ODE block therefore runs its own step-size control on each device: no all-reduce
    of the error norm per adaptive step (diffrax issue 407), and its NFE is per device.
-2. `jax.jit` of the update: the mean of the N gradients (an all-reduce XLA inserts), then the
-   optimiser, with parameters and optimiser state replicated.
+2. then the mean of the N gradients (an all-reduce XLA inserts) and the optimiser, with
+   parameters and optimiser state replicated.
 
-Why two programs and not one: equinox's value checks (`eqx.error_if`: non-finite inputs, diffrax's
-max_steps) raise from a host callback. When one fires on one device inside a program with a
-collective, the other devices wait at that collective until XLA aborts the process (measured with
-jax 0.10.2 on host devices: "Termination timeout for all reduce ... Expected 4 threads, only 3
-arrived", SIGABRT after 40 s), under `shard_map` as under a plainly batch-sharded `jit` (which
-also moves the callback's operands to device 0, diffrax issues 247 and 403). Program 1 has no
-collective, and the host waits for it before it dispatches program 2, so such an error is an
-ordinary Python exception (`jax.errors.JaxRuntimeError` carrying equinox's message). The price
-is a host wait and a second dispatch per step: a fixed cost, felt by steps of a few milliseconds.
+Unless part 1 holds a host callback (`holds_host_callback`): then it is two programs, with a host
+wait between them. Value checks that raise from a host callback (`equinox.error_if`: `model(x)` of
+a `neuralode.models` classifier, `BacksolveAdjoint`'s backwards solve) cannot be left inside a
+program with a collective: when one fires on one device, the other devices wait at the collective
+until XLA aborts the process (measured with jax 0.10.2 on host devices: "Termination timeout for
+all reduce ... Expected 4 threads, only 3 arrived", SIGABRT after 40 s), under `shard_map` as under
+a plainly batch-sharded `jit` (which also moves the callback's operands to device 0, diffrax issues
+247 and 403). Program 1 has no collective, and the host waits for it before it dispatches program
+2, so such an error is an ordinary Python exception (`jax.errors.JaxRuntimeError` carrying
+equinox's message). The price is a host wait and a second dispatch per step. The models'
+`forward` (what the default loss calls) reports its solver failures as `failed_solves` instead,
+so their steps are one program except with `BacksolveAdjoint`.
 
 What the numbers are. With equal shards, the mean of the per-device gradients of per-device mean
 losses is the gradient of the batch mean, so a fixed-step model (ResNet, RK-Net) takes the
@@ -40,7 +43,6 @@ global batch, and `shard_batch` hands the devices of each process only that proc
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.extend.core import ClosedJaxpr, Jaxpr
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as Spec
 
@@ -135,7 +138,7 @@ def _local(graphdef: nnx.GraphDef, loss_fn: LossFn, fold: bool, gradients: bool)
             changed = nnx.state(model, nnx.Not(nnx.Any(nnx.Param, nnx.RngKey)))
             outputs = (grads, changed, metrics)
         else:
-            outputs = loss_fn(model, *batch)[1]
+            outputs = (loss_fn(model, *batch)[1],)
         return jax.tree.map(lambda leaf: jnp.asarray(leaf)[None], outputs)
 
     return local
@@ -163,39 +166,74 @@ def _replicated(state: Any, sharding: NamedSharding) -> Any:
     return state
 
 
-class _PerDevice:
-    """The per-device program of a model (`graphdef`) over `mesh`, compiled once for sharded and
-    once for replicated batches, and the host-side choice between them."""
+def holds_host_callback(jaxpr) -> bool:
+    """Whether a (closed) jaxpr calls back to the host anywhere (`jax.pure_callback`,
+    `jax.debug.callback`, `io_callback`; equinox's `error_if` is one), nested jaxprs included."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    for eqn in jaxpr.eqns:
+        if "callback" in eqn.primitive.name:
+            return True
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = sub.jaxpr if isinstance(sub, ClosedJaxpr) else sub
+                if isinstance(sub, Jaxpr) and holds_host_callback(sub):
+                    return True
+    return False
 
-    def __init__(self, mesh: Mesh, graphdef: nnx.GraphDef, loss_fn: LossFn, gradients: bool):
+
+class _PerDevice:
+    """A model's (`graphdef`) step over `mesh`: the per-device part (`shard_map`) followed by
+    `reduce` (the all-reduce and what follows it), compiled per kind of batch (sharded, or
+    replicated when the device count does not divide it) as one program when the per-device part
+    holds no host callback, and as two programs with a host wait between them when it does."""
+
+    def __init__(self, mesh: Mesh, graphdef: nnx.GraphDef, loss_fn: LossFn, gradients: bool,
+                 reduce: Callable):
         self.mesh, self.size = mesh, data_size(mesh)
-        self.graphdef, self.loss_fn, self.gradients = graphdef, loss_fn, gradients
+        self.graphdef, self.loss_fn, self.gradients, self.reduce = graphdef, loss_fn, gradients, reduce
         self.programs = {}
 
-    def program(self, sharded: bool, arity: int) -> Callable:
-        if (sharded, arity) not in self.programs:
-            batch_spec = Spec(DATA) if sharded else Spec()
-            local = _local(self.graphdef, self.loss_fn, sharded and self.size > 1, self.gradients)
-            self.programs[sharded, arity] = jax.jit(jax.shard_map(
-                local, mesh=self.mesh, in_specs=(Spec(),) + (batch_spec,) * arity, out_specs=Spec(DATA),
-                check_vma=False))
-        return self.programs[sharded, arity]
+    def _per_device(self, sharded: bool, arity: int) -> Callable:
+        batch_spec = Spec(DATA) if sharded else Spec()
+        local = _local(self.graphdef, self.loss_fn, sharded and self.size > 1, self.gradients)
+        return jax.shard_map(local, mesh=self.mesh, in_specs=(Spec(),) + (batch_spec,) * arity,
+                             out_specs=Spec(DATA), check_vma=False)
 
-    def __call__(self, model_state, batch: tuple) -> Any:
-        """The per-device outputs for the replicated `model_state` and the global `batch`."""
+    def _programs(self, sharded: bool, state, batch) -> tuple[Callable, Callable | None]:
+        """`(first, second)`: the fused step and None, or the per-device part and `reduce`."""
+        key = (sharded, len(batch))
+        if key not in self.programs:
+            per_device, replicated = self._per_device(*key), NamedSharding(self.mesh, Spec())
+            fused = jax.jit(lambda state, *batch: self.reduce(state, *per_device(
+                self._model(state), *batch)), out_shardings=replicated)
+            if holds_host_callback(fused.trace(state, *batch).jaxpr):
+                self.programs[key] = (jax.jit(per_device),
+                                      jax.jit(self.reduce, out_shardings=replicated))
+            else:
+                self.programs[key] = (fused, None)
+        return self.programs[key]
+
+    def _model(self, state):
+        return state["model"] if self.gradients else state
+
+    def __call__(self, state, batch: tuple) -> Any:
+        """The step on the replicated `state` and the global `batch`."""
         if not batch:
             raise ValueError("batch: expected at least one array")
         sharded = np.shape(batch[0])[0] % self.size == 0
         batch = (shard_batch(self.mesh, *batch) if sharded
                  else tuple(_put(self.mesh, Spec(), np.asarray(a)) for a in batch))
-        outputs = self.program(sharded, len(batch))(model_state, *batch)
+        first, second = self._programs(sharded, state, batch)
+        if second is None:
+            return first(state, *batch)
+        outputs = first(self._model(state), *batch)
         try:  # wait for it before any collective: a device whose value check fired raises here
             jax.block_until_ready(jax.tree.leaves(outputs)[-1])  # one output spans every device
-            return outputs
         except jax.errors.JaxRuntimeError as error:
             error.add_note(f"(raised on a device's part of the batch of a data-parallel step over "
                            f"{self.size} devices: a value check of the model failed there)")
             raise
+        return second(state, *outputs)
 
 
 def data_parallel_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh) -> Callable:
@@ -205,9 +243,8 @@ def data_parallel_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh
     every process) sharded over its axis `data`. Metrics are device means, plus
     `<nfe...>_device_max`; see the module docstring for what the numbers are."""
     size, replicated = data_size(mesh), NamedSharding(mesh, Spec())
-    per_device = None  # made at the first call: program 1 takes the model's part of the state only
+    per_device = None  # made at the first call: its per-device part takes the model's state only
 
-    @functools.partial(jax.jit, out_shardings=replicated)
     def update(state, grads, changed, metrics):
         parts = nnx.merge(graphdef, state)
         nnx.update(parts["model"], jax.tree.map(_reduce_changed, changed))
@@ -219,8 +256,8 @@ def data_parallel_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh
         state = _replicated(state, replicated)
         if per_device is None:
             model_graphdef = nnx.graphdef(nnx.merge(graphdef, state)["model"])
-            per_device = _PerDevice(mesh, model_graphdef, loss_fn, gradients=True)
-        return update(state, *per_device(state["model"], batch))
+            per_device = _PerDevice(mesh, model_graphdef, loss_fn, True, update)
+        return per_device(state, batch)
 
     return step
 
@@ -228,6 +265,7 @@ def data_parallel_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh
 def data_parallel_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh) -> Callable:
     """The data-parallel `evaluate(model_state, *batch) -> metrics` (device means, plus
     `<nfe...>_device_max`) of `loss_fn` for a model's graph definition, as `make_eval_step`."""
-    per_device, replicated = _PerDevice(mesh, graphdef, loss_fn, gradients=False), NamedSharding(mesh, Spec())
-    reduce = jax.jit(functools.partial(_device_means, size=per_device.size), out_shardings=replicated)
-    return lambda model_state, *batch: reduce(per_device(_replicated(model_state, replicated), batch))
+    size, replicated = data_size(mesh), NamedSharding(mesh, Spec())
+    per_device = _PerDevice(mesh, graphdef, loss_fn, False,
+                            lambda model_state, metrics: _device_means(metrics, size))
+    return lambda model_state, *batch: per_device(_replicated(model_state, replicated), batch)
