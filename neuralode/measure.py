@@ -146,16 +146,27 @@ def gradient_memory_bytes(model: nnx.Module, loss_fn: Callable, x, y) -> int:
 # Accuracy, fits, trade-offs
 
 def accuracy(model: nnx.Module, x, y, batch_size: int = 1000) -> float:
-    """Top-1 accuracy of the eval-mode classifier `model` on `(x, y)`, `batch_size` at a time."""
+    """Top-1 accuracy of the eval-mode classifier `model` on `(x, y)`, `batch_size` at a time.
+    Raises if a classifier of `neuralode.models` reports a failed ODE solve on some batch."""
     model.eval()
-    correct = sum(int(np.sum(np.asarray(_predict(model, xb)) == yb))
-                  for xb, yb in batches(x, y, batch_size))
+    correct = 0
+    for xb, yb in batches(x, y, batch_size):
+        predicted, failed = _predict(model, xb)
+        if failed:
+            raise RuntimeError(f"accuracy: {int(failed)} ODE solve(s) of the model failed on a batch "
+                               "(failed_solves); call model(x) on it for the solver's message")
+        correct += int(np.sum(np.asarray(predicted) == yb))
     return correct / len(y)
 
 
 @nnx.jit
 def _predict(model: nnx.Module, x):
-    return jnp.argmax(model(x), axis=-1)
+    """Predicted classes, and the failed solves a model with `forward` reports (reported rather
+    than raised inside the program, so that it holds no host callback and JAX's cache keeps it)."""
+    if hasattr(model, "forward"):
+        logits, stats = model.forward(x)
+        return jnp.argmax(logits, axis=-1), stats.get("failed_solves", 0)
+    return jnp.argmax(model(x), axis=-1), 0
 
 
 def loglog_slope(x, y, floor: float = 0.0) -> float:

@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import neuralode as no
@@ -80,6 +81,14 @@ def test_accuracy_in_batches_equals_the_whole_batch():
     expected = float(np.mean(np.argmax(np.asarray(model(x)), -1) == y))
     assert 0 < expected < 1
     assert accuracy(model, x, y, batch_size=3) == expected
+
+
+def test_accuracy_raises_when_a_model_reports_a_failed_solve():
+    model = ODENet(1, 3, channels=(4,), spatial_dims=1, rtol=1e-9, atol=1e-9, max_steps=3,
+                   adjoint=no.CheckpointAdjoint(), rngs=nnx.Rngs(0))
+    x = np.asarray(jax.random.normal(jax.random.key(3), (5, 8, 1), jnp.float32))
+    with pytest.raises(RuntimeError, match="accuracy: 1 ODE solve"):
+        accuracy(model, x, np.zeros(5, np.int64))
 
 
 def test_loglog_slope_recovers_a_power_law_above_the_floor():

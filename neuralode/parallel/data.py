@@ -100,16 +100,20 @@ def shard_batch(mesh: Mesh, *arrays: Any) -> tuple[jax.Array, ...]:
     """The global batch `arrays` (the same host arrays in every process, one leading batch axis)
     sharded over the mesh axis `data`: each device holds B/N consecutive examples, and each process
     transfers only the rows of its own devices."""
-    size = data_size(mesh)
-    lengths = {np.shape(a)[0] if np.ndim(a) else None for a in arrays}
-    if not arrays or len(lengths) != 1 or None in lengths:
-        raise ValueError(f"batch: expected arrays with one common leading batch axis, got shapes "
-                         f"{[np.shape(a) for a in arrays]}")
-    (length,) = lengths
+    size, length = data_size(mesh), _batch_length(arrays)
     if length % size:
         raise ValueError(f"batch: {length} examples do not divide among the {size} devices of mesh "
                          f"axis {DATA!r}; use a batch size that is a multiple of {size}")
     return tuple(_put(mesh, Spec(DATA), np.asarray(a)) for a in arrays)
+
+
+def _batch_length(arrays: tuple) -> int:
+    """The common length of the leading (batch) axis of `arrays`."""
+    lengths = {np.shape(a)[0] if np.ndim(a) else None for a in arrays}
+    if not arrays or len(lengths) != 1 or None in lengths:
+        raise ValueError(f"batch: expected arrays with one common leading batch axis, got shapes "
+                         f"{[np.shape(a) for a in arrays]}")
+    return lengths.pop()
 
 
 def _put(mesh: Mesh, spec: Spec, array: np.ndarray) -> jax.Array:
@@ -204,8 +208,10 @@ class _PerDevice:
         key = (sharded, len(batch))
         if key not in self.programs:
             per_device, replicated = self._per_device(*key), NamedSharding(self.mesh, Spec())
+            batch_sharding = NamedSharding(self.mesh, Spec(DATA) if sharded else Spec())
             fused = jax.jit(lambda state, *batch: self.reduce(state, *per_device(
-                self._model(state), *batch)), out_shardings=replicated)
+                self._model(state), *batch)), out_shardings=replicated,
+                in_shardings=(replicated,) + (batch_sharding,) * len(batch))
             if holds_host_callback(fused.trace(state, *batch).jaxpr):
                 self.programs[key] = (jax.jit(per_device),
                                       jax.jit(self.reduce, out_shardings=replicated))
@@ -220,10 +226,12 @@ class _PerDevice:
         """The step on the replicated `state` and the global `batch`."""
         if not batch:
             raise ValueError("batch: expected at least one array")
-        sharded = np.shape(batch[0])[0] % self.size == 0
+        sharded = _batch_length(batch) % self.size == 0
+        first, second = self._programs(sharded, state, batch)
+        if second is None and jax.process_count() == 1:
+            return first(state, *batch)  # jit places the host batch, as the plain step's does
         batch = (shard_batch(self.mesh, *batch) if sharded
                  else tuple(_put(self.mesh, Spec(), np.asarray(a)) for a in batch))
-        first, second = self._programs(sharded, state, batch)
         if second is None:
             return first(state, *batch)
         outputs = first(self._model(state), *batch)
