@@ -185,7 +185,7 @@ def holds_host_callback(jaxpr) -> bool:
     return False
 
 
-class _PerDevice:
+class _MeshStep:
     """A model's (`graphdef`) step over `mesh`: the per-device part (`shard_map`) followed by
     `reduce` (the all-reduce and what follows it), compiled per kind of batch (sharded, or
     replicated when the device count does not divide it) as one program when the per-device part
@@ -251,7 +251,7 @@ def data_parallel_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh
     every process) sharded over its axis `data`. Metrics are device means, plus
     `<nfe...>_device_max`; see the module docstring for what the numbers are."""
     size, replicated = data_size(mesh), NamedSharding(mesh, Spec())
-    per_device = None  # made at the first call: its per-device part takes the model's state only
+    mesh_step = None  # made at the first call: its per-device part takes the model's state only
 
     def update(state, grads, changed, metrics):
         parts = nnx.merge(graphdef, state)
@@ -260,12 +260,12 @@ def data_parallel_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh
         return apply_gradients(parts, grads), _device_means(metrics, size)
 
     def step(state: nnx.State, *batch: Any) -> tuple[nnx.State, dict[str, jax.Array]]:
-        nonlocal per_device
+        nonlocal mesh_step
         state = _replicated(state, replicated)
-        if per_device is None:
+        if mesh_step is None:
             model_graphdef = nnx.graphdef(nnx.merge(graphdef, state)["model"])
-            per_device = _PerDevice(mesh, model_graphdef, loss_fn, True, update)
-        return per_device(state, batch)
+            mesh_step = _MeshStep(mesh, model_graphdef, loss_fn, True, update)
+        return mesh_step(state, batch)
 
     return step
 
@@ -274,6 +274,6 @@ def data_parallel_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh)
     """The data-parallel `evaluate(model_state, *batch) -> metrics` (device means, plus
     `<nfe...>_device_max`) of `loss_fn` for a model's graph definition, as `make_eval_step`."""
     size, replicated = data_size(mesh), NamedSharding(mesh, Spec())
-    per_device = _PerDevice(mesh, graphdef, loss_fn, False,
+    mesh_step = _MeshStep(mesh, graphdef, loss_fn, False,
                             lambda model_state, metrics: _device_means(metrics, size))
-    return lambda model_state, *batch: per_device(_replicated(model_state, replicated), batch)
+    return lambda model_state, *batch: mesh_step(_replicated(model_state, replicated), batch)
