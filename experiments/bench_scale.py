@@ -70,9 +70,13 @@ def timed(cfg: Config, calls: dict, desc: str) -> dict:
 
 
 def step_call(step, state, x, y):
-    """A zero-argument call of `step` that blocks on its result, and the result's metrics."""
+    """A zero-argument call of `step` that blocks on its result, and the result's metrics (after
+    checking that no ODE solve of the model failed: timings of a failed step mean nothing)."""
     call = lambda: jax.block_until_ready(step(state, x, y))  # noqa: E731
-    return call, {k: float(v) for k, v in call()[1].items()}
+    metrics = {k: float(v) for k, v in call()[1].items()}
+    if metrics.get("failed_solves", 0):
+        raise RuntimeError(f"a step of the benchmark reported failed ODE solves: {metrics}")
+    return call, metrics
 
 
 def run(cfg: Config) -> dict:

@@ -41,9 +41,19 @@ def count_params(model: nnx.Module) -> int:
 def forward_stats(model: nnx.Module, x) -> dict[str, float]:
     """The statistics of one eval-mode `model.forward(x)` (a classifier of `neuralode.models`):
     `nfe` (field evaluations of all stages) and, for the fixed-step models, `nfe_backward` (those
-    of backprop). Leaves `model` in eval mode."""
+    of backprop); raises if a stage's solve failed. Leaves `model` in eval mode."""
     model.eval()
-    return {k: float(v) for k, v in _forward_stats(model, jnp.asarray(x)).items()}
+    stats = {k: float(v) for k, v in _forward_stats(model, jnp.asarray(x)).items()}
+    _raise_failed("forward_stats", stats.get("failed_solves", 0))
+    return stats
+
+
+def _raise_failed(where: str, failed) -> None:
+    """Raise if a model of `neuralode.models` reported failed solves (its `failed_solves`)."""
+    if failed:
+        raise RuntimeError(f"{where}: {float(failed):g} ODE solve(s) of the model failed "
+                           "(failed_solves: max_steps reached, a vector field returning nan/inf, or "
+                           "a non-finite state entering a stage); call model(x) for the solver's message")
 
 
 @nnx.jit
@@ -101,22 +111,23 @@ def counted_nfe(model: nnx.Module, loss_fn: Callable, x, y) -> tuple[int, int]:
     for index in range(len(clone.stages)):
         clone.stages[index] = CountedField(clone.stages[index], counter)
     loss, grad, state = _loss_and_grad(clone, loss_fn)
-    jax.block_until_ready(jax.jit(loss)(state, x, y))
+    metrics = jax.jit(loss)(state, x, y)[1]
+    _raise_failed("counted_nfe", metrics.get("failed_solves", 0))
     forward, counter.calls = counter.calls, 0
     jax.block_until_ready(jax.jit(grad)(state, x, y))
     return forward, counter.calls - forward
 
 
 def _loss_and_grad(model: nnx.Module, loss_fn: Callable):
-    """The training-mode loss and its parameter gradient as pure functions of the model state
-    (`nnx.grad` inside, so the RNODE noise counter may advance in the trace); `model` is left in
-    eval mode."""
+    """The training-mode `loss_fn` output `(loss, metrics)` and the loss's parameter gradient as
+    pure functions of the model state (`nnx.grad` inside, so the RNODE noise counter may advance
+    in the trace); `model` is left in eval mode."""
     model.train()
     graphdef, state = nnx.split(model)
     model.eval()
 
     def loss(state, x, y):
-        return loss_fn(nnx.merge(graphdef, state), x, y)[0]
+        return loss_fn(nnx.merge(graphdef, state), x, y)
 
     def grad(state, x, y):
         return nnx.grad(lambda m: loss_fn(m, x, y)[0])(nnx.merge(graphdef, state))
@@ -152,9 +163,7 @@ def accuracy(model: nnx.Module, x, y, batch_size: int = 1000) -> float:
     correct = 0
     for xb, yb in batches(x, y, batch_size):
         predicted, failed = _predict(model, xb)
-        if failed:
-            raise RuntimeError(f"accuracy: {int(failed)} ODE solve(s) of the model failed on a batch "
-                               "(failed_solves); call model(x) on it for the solver's message")
+        _raise_failed("accuracy", failed)
         correct += int(np.sum(np.asarray(predicted) == yb))
     return correct / len(y)
 

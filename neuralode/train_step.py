@@ -50,7 +50,9 @@ def classification_loss(model: nnx.Module, x: jax.Array, y: jax.Array) -> tuple[
     is called through it: `stats["regularisation"]` (RNODE's kinetic and Jacobian terms, in
     training mode) is added to the loss, and every stat (NFE, the terms) is logged as a metric.
     Any other model's `model(x)` are the logits. Metrics: `loss` (what is minimised),
-    `cross_entropy`, `accuracy`, and the stats.
+    `cross_entropy`, `accuracy`, and the stats, among them `failed_solves`: the models report a
+    failed ODE solve there instead of raising it inside the compiled step, so a loop of its own
+    over `make_train_step` must check it (`train` does, after every step).
     """
     logits, stats = model.forward(x) if hasattr(model, "forward") else (model(x), {})
     loss, metrics = classification_metrics(logits, y)

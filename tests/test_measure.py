@@ -83,12 +83,17 @@ def test_accuracy_in_batches_equals_the_whole_batch():
     assert accuracy(model, x, y, batch_size=3) == expected
 
 
-def test_accuracy_raises_when_a_model_reports_a_failed_solve():
+def test_measurements_raise_when_a_model_reports_a_failed_solve():
     model = ODENet(1, 3, channels=(4,), spatial_dims=1, rtol=1e-9, atol=1e-9, max_steps=3,
                    adjoint=no.CheckpointAdjoint(), rngs=nnx.Rngs(0))
     x = np.asarray(jax.random.normal(jax.random.key(3), (5, 8, 1), jnp.float32))
+    y = np.zeros(5, np.int64)
     with pytest.raises(RuntimeError, match="accuracy: 1 ODE solve"):
-        accuracy(model, x, np.zeros(5, np.int64))
+        accuracy(model, x, y)
+    with pytest.raises(RuntimeError, match="forward_stats: 1 ODE solve"):
+        forward_stats(model, x)
+    with pytest.raises(RuntimeError, match="counted_nfe: 1 ODE solve"):
+        counted_nfe(model, classification_loss, x, y)
 
 
 def test_loglog_slope_recovers_a_power_law_above_the_floor():
