@@ -33,7 +33,8 @@ from neuralode.models import ODENet, ResNet
 from neuralode.parallel.data import (data_mesh, data_parallel_train_step, replicate,
                                      shard_batch)
 from neuralode.parallel.distributed import host_devices
-from neuralode.train_step import classification_loss, make_train_state, make_train_step
+from neuralode.train_step import (check_failed_solves, classification_loss, make_train_state,
+                                  make_train_step)
 
 
 @dataclasses.dataclass
@@ -74,8 +75,7 @@ def step_call(step, state, x, y):
     checking that no ODE solve of the model failed: timings of a failed step mean nothing)."""
     call = lambda: jax.block_until_ready(step(state, x, y))  # noqa: E731
     metrics = {k: float(v) for k, v in call()[1].items()}
-    if metrics.get("failed_solves", 0):
-        raise RuntimeError(f"a step of the benchmark reported failed ODE solves: {metrics}")
+    check_failed_solves(metrics.get("failed_solves", 0), "a step of the benchmark")
     return call, metrics
 
 

@@ -25,6 +25,7 @@ from flax import nnx
 
 from neuralode.data import batches
 from neuralode.integrate import solve
+from neuralode.train_step import check_failed_solves, logits_and_stats
 
 MEMORY_FIELDS = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
                  "alias_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes")
@@ -44,16 +45,8 @@ def forward_stats(model: nnx.Module, x) -> dict[str, float]:
     of backprop); raises if a stage's solve failed. Leaves `model` in eval mode."""
     model.eval()
     stats = {k: float(v) for k, v in _forward_stats(model, jnp.asarray(x)).items()}
-    _raise_failed("forward_stats", stats.get("failed_solves", 0))
+    check_failed_solves(stats.get("failed_solves", 0), "forward_stats")
     return stats
-
-
-def _raise_failed(where: str, failed) -> None:
-    """Raise if a model of `neuralode.models` reported failed solves (its `failed_solves`)."""
-    if failed:
-        raise RuntimeError(f"{where}: {float(failed):g} ODE solve(s) of the model failed "
-                           "(failed_solves: max_steps reached, a vector field returning nan/inf, or "
-                           "a non-finite state entering a stage); call model(x) for the solver's message")
 
 
 @nnx.jit
@@ -112,7 +105,7 @@ def counted_nfe(model: nnx.Module, loss_fn: Callable, x, y) -> tuple[int, int]:
         clone.stages[index] = CountedField(clone.stages[index], counter)
     loss, grad, state = _loss_and_grad(clone, loss_fn)
     metrics = jax.jit(loss)(state, x, y)[1]
-    _raise_failed("counted_nfe", metrics.get("failed_solves", 0))
+    check_failed_solves(float(metrics.get("failed_solves", 0)), "counted_nfe")
     forward, counter.calls = counter.calls, 0
     jax.block_until_ready(jax.jit(grad)(state, x, y))
     return forward, counter.calls - forward
@@ -163,7 +156,7 @@ def accuracy(model: nnx.Module, x, y, batch_size: int = 1000) -> float:
     correct = 0
     for xb, yb in batches(x, y, batch_size):
         predicted, failed = _predict(model, xb)
-        _raise_failed("accuracy", failed)
+        check_failed_solves(float(failed), "accuracy")
         correct += int(np.sum(np.asarray(predicted) == yb))
     return correct / len(y)
 
@@ -172,10 +165,8 @@ def accuracy(model: nnx.Module, x, y, batch_size: int = 1000) -> float:
 def _predict(model: nnx.Module, x):
     """Predicted classes, and the failed solves a model with `forward` reports (reported rather
     than raised inside the program, so that it holds no host callback and JAX's cache keeps it)."""
-    if hasattr(model, "forward"):
-        logits, stats = model.forward(x)
-        return jnp.argmax(logits, axis=-1), stats.get("failed_solves", 0)
-    return jnp.argmax(model(x), axis=-1), 0
+    logits, stats = logits_and_stats(model, x)
+    return jnp.argmax(logits, axis=-1), stats.get("failed_solves", 0)
 
 
 def loglog_slope(x, y, floor: float = 0.0) -> float:

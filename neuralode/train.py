@@ -52,8 +52,8 @@ from neuralode.parallel.data import data_parallel_eval_step, data_parallel_train
 from neuralode.resume import restore, run_identity
 from neuralode.rundir import read_metrics
 from neuralode.train_config import TrainConfig, learning_rate_schedule, make_optimizer
-from neuralode.train_step import (LossFn, classification_loss, classification_metrics, make_eval_step,
-                                  make_train_state, make_train_step, param_dtype)
+from neuralode.train_step import (LossFn, check_failed_solves, classification_loss, classification_metrics,
+                                  make_eval_step, make_train_state, make_train_step, param_dtype)
 
 __all__ = ["TrainConfig", "classification_loss", "classification_metrics", "learning_rate_schedule",
            "make_optimizer", "make_train_state", "make_train_step", "param_dtype", "read_metrics", "train"]
@@ -191,7 +191,8 @@ def train(
                 for x, y in _training_batches(dataset, config, progress.epoch, progress.batch):
                     state, metrics = train_step(state, x.astype(dtype), y)
                     metrics = jax.device_get(metrics)
-                    _check_step(metrics, f"step {progress.step + 1}")
+                    check_failed_solves(metrics.get("failed_solves", 0), f"step {progress.step + 1}",
+                                        _UNSAVED)
                     progress.add(metrics, len(y))
                     bar.update()
                     bar.set_postfix({k: f"{v:.4f}" for k, v in progress.means().items()
@@ -274,20 +275,14 @@ def _evaluate(eval_step: Callable, model_state: nnx.State, dataset: Dataset, bat
     totals = _Progress()
     for x, y in batches(dataset.x_test, dataset.y_test, batch_size):
         metrics = jax.device_get(eval_step(model_state, x.astype(dtype), y))
-        _check_step(metrics, "the evaluation on the test split")
+        check_failed_solves(metrics.get("failed_solves", 0), "the evaluation on the test split",
+                            _UNSAVED)
         totals.add(metrics, len(y))
     return totals.means() if totals.examples else {}
 
 
-def _check_step(metrics: dict[str, Any], where: str) -> None:
-    """Raise if the step's model reported a failed ODE solve."""
-    failed = metrics.get("failed_solves", 0)
-    if np.ndim(failed) == 0 and failed > 0:
-        raise RuntimeError(
-            f"{where}: an ODE solve of the model failed (failed_solves = {float(failed):g}: "
-            "max_steps reached, a vector field returning nan/inf, or a non-finite state entering "
-            "a stage); nothing of this step was saved. Call model(x) on the batch for the solver's "
-            "message; raise the model's max_steps or lower the learning rate, then resume")
+_UNSAVED = ("; nothing of this step was saved. Raise the model's max_steps or lower the learning "
+            "rate, then resume")
 
 
 def _save(store: CheckpointStore, stop: _StopOnSignal, state: nnx.State, progress: _Progress,

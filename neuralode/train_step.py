@@ -54,7 +54,7 @@ def classification_loss(model: nnx.Module, x: jax.Array, y: jax.Array) -> tuple[
     failed ODE solve there instead of raising it inside the compiled step, so a loop of its own
     over `make_train_step` must check it (`train` does, after every step).
     """
-    logits, stats = model.forward(x) if hasattr(model, "forward") else (model(x), {})
+    logits, stats = logits_and_stats(model, x)
     loss, metrics = classification_metrics(logits, y)
     metrics["cross_entropy"] = loss
     if "regularisation" in stats:
@@ -62,6 +62,22 @@ def classification_loss(model: nnx.Module, x: jax.Array, y: jax.Array) -> tuple[
         metrics["loss"] = loss
     metrics.update({name: jnp.asarray(value, logits.dtype) for name, value in stats.items()})
     return loss, metrics
+
+
+def logits_and_stats(model: nnx.Module, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`model.forward(x)` for a model that has it (the classifiers of `neuralode.models`: logits and
+    statistics, failures reported in `failed_solves`), else `model(x)` and no statistics."""
+    return model.forward(x) if hasattr(model, "forward") else (model(x), {})
+
+
+def check_failed_solves(failed, where: str, advice: str = "") -> None:
+    """Raise RuntimeError if `failed` (a host value: the `failed_solves` a classifier of
+    `neuralode.models` reports instead of raising inside the compiled program) is above 0."""
+    if np.ndim(failed) == 0 and failed > 0:
+        raise RuntimeError(
+            f"{where}: an ODE solve of the model failed (failed_solves = {float(failed):g}: "
+            "max_steps reached, a vector field returning nan/inf, or a non-finite state entering "
+            f"a stage); call model(x) on the batch for the solver's message{advice}")
 
 
 def param_dtype(model: nnx.Module) -> np.dtype:

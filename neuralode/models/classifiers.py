@@ -128,7 +128,7 @@ class _Classifier(nnx.Module, abc.ABC):
             layout = "NWC" if self.spatial_dims == 1 else "NHWC"
             raise ValueError(f"x must be a {layout} batch of {expected} axes with "
                              f"{self.in_channels} channel(s) last, got shape {x.shape}")
-        y, totals, result = self.stem(x), {"failed_solves": 0}, RESULTS.successful
+        y, totals, result = self.stem(x), {}, RESULTS.successful
         for index in range(len(self.stages)):
             if index > 0:
                 y = self.transitions[index - 1](y)
