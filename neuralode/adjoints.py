@@ -147,7 +147,14 @@ class DiffraxAdjoint(AbstractAdjoint):
 
 
 class ReconstructionWarning(UserWarning):
-    """`BacksolveAdjoint`'s backwards solve did not reconstruct the forward states."""
+    """`BacksolveAdjoint`'s backwards solve did not reconstruct the forward states; `mismatch` is
+    the largest relative mismatch. The text is the same for every mismatch, so Python's default
+    filter shows it once per process, not once per training step;
+    `warnings.simplefilter("always", ReconstructionWarning)` shows every one."""
+
+    def __init__(self, message: str, mismatch: float = float("nan")):
+        super().__init__(message)
+        self.mismatch = mismatch
 
 
 class BacksolveAdjoint(AbstractAdjoint):
@@ -228,5 +235,4 @@ def _mismatch_message(tolerance) -> str:
 def _warn_mismatch(tolerance, mismatch):
     worst = float(np.max(mismatch))
     if not worst <= tolerance:
-        warnings.warn(f"{_mismatch_message(tolerance)}; mismatch = {worst:.3g}",
-                      ReconstructionWarning, stacklevel=2)
+        warnings.warn(ReconstructionWarning(_mismatch_message(tolerance), worst), stacklevel=2)
