@@ -15,7 +15,7 @@ from neuralode import analysis, data, fields, models, multigrid, train
 from neuralode.adaptive import RESULTS
 from neuralode.adjoints import (BacksolveAdjoint, CheckpointAdjoint, DiscreteAdjoint,
                                 ReconstructionWarning)
-from neuralode.fields import ConvField, DepthStack, MLPField
+from neuralode.fields import ConvField, DepthStack, MLPField, compiled_init
 from neuralode.integrate import Solution, backsolve_reconstruction_error, odeint, solve
 from neuralode.solvers import RK4, Dopri5, Euler, Heun, Leapfrog, Midpoint, Tsit5
 from neuralode.train_step import classification_loss, make_train_state, make_train_step
@@ -24,6 +24,7 @@ __all__ = [
     "BacksolveAdjoint", "CheckpointAdjoint", "ConvField", "DepthStack", "DiscreteAdjoint",
     "Dopri5", "Euler", "Heun", "Leapfrog", "MLPField", "Midpoint", "RESULTS", "RK4",
     "ReconstructionWarning", "Solution", "Tsit5",
-    "analysis", "backsolve_reconstruction_error", "classification_loss", "data", "fields",
+    "analysis", "backsolve_reconstruction_error", "classification_loss", "compiled_init", "data",
+    "fields",
     "make_train_state", "make_train_step", "models", "multigrid", "odeint", "solve", "train",
 ]

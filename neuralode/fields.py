@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable
+from typing import Callable, TypeVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
+
+M = TypeVar("M", bound=nnx.Module)
 
 
 def _with_time(t, y):
@@ -150,3 +152,19 @@ class DepthStack(nnx.Module):
     def __call__(self, t, y, args=None):
         raise TypeError("a DepthStack has one field per step: integrate it with odeint and a "
                         "fixed-step solver, or call .layer(k)(t, y)")
+
+
+def compiled_init(make: Callable[[], M]) -> M:
+    """The module `make()` builds, with its initialisers run as one compiled program.
+
+    Eagerly, each initialiser's operations compile one by one, and a truncated normal compiles in
+    0.5-1 s on a CPU core (6 s for a small ResNet before its first training step); one program
+    compiled at XLA's lowest backend optimisation takes 0.6 s and runs once. The values are the
+    eager ones up to the last bit (LLVM may fuse a multiply-add differently). `make` takes no
+    arguments: it makes its own `nnx.Rngs` from a seed."""
+    if isinstance(jnp.zeros(()), jax.core.Tracer):  # under a transformation: part of its program
+        return make()
+    graphdef = nnx.graphdef(nnx.eval_shape(make))
+    state = jax.jit(lambda: nnx.state(make()),
+                    compiler_options={"xla_backend_optimization_level": 0})()
+    return nnx.merge(graphdef, state)

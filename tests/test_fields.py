@@ -77,3 +77,30 @@ def test_fields_are_diffrax_vector_fields(make, shape):
     y = jax.random.normal(jax.random.key(0), shape, jnp.float64)
     np.testing.assert_array_equal(diffrax.ODETerm(field).vf(0.3, y, None), field(0.3, y))
     np.testing.assert_array_equal(field(0.3, y, {"ignored": 1.0}), field(0.3, y))
+
+
+def test_compiled_init_builds_the_eager_module_in_one_program():
+    """The same graph and variables as eager construction (random keys and counters exactly; the
+    float32 parameters to the last bit, where LLVM may fuse a multiply-add differently), from one
+    compiled program; under a transformation it is the plain construction, part of that program."""
+    from neuralode.models import ODENet
+
+    def make():
+        return ODENet(1, 10, channels=(4, 8), spatial_dims=1, kinetic_weight=0.1,
+                      rngs=nnx.Rngs(3))
+
+    def arrays(module):  # path -> array, random keys as their bits
+        return {path: jax.random.key_data(v[...]) if jnp.issubdtype(v.dtype, jax.dtypes.prng_key)
+                else v[...] for path, v in nnx.to_flat_state(nnx.state(module))}
+
+    eager, compiled = make(), no.compiled_init(make)
+    assert nnx.graphdef(eager) == nnx.graphdef(compiled)
+    expected, got = arrays(eager), arrays(compiled)
+    assert expected.keys() == got.keys()
+    for path, a in expected.items():
+        b = got[path]
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        ulp = float(jnp.finfo(a.dtype).eps) if jnp.issubdtype(a.dtype, jnp.floating) else 0.0
+        np.testing.assert_allclose(b, a, rtol=2 * ulp, atol=0, err_msg=str(path))
+    abstract = jax.eval_shape(lambda: nnx.state(no.compiled_init(make)))
+    assert jax.tree.map(jnp.shape, abstract) == jax.tree.map(jnp.shape, nnx.state(eager))

@@ -19,6 +19,7 @@ from flax import nnx
 
 from neuralode.adjoints import BacksolveAdjoint, CheckpointAdjoint, DiscreteAdjoint
 from neuralode.data import Dataset
+from neuralode.fields import compiled_init
 from neuralode.models.classifiers import ODENet, PlainNet, ResNet, RKNet
 from neuralode.solvers import (RK4, AbstractRungeKutta, Dopri5, Euler, Heun, Leapfrog, Midpoint,
                                Tsit5)
@@ -89,8 +90,7 @@ def build_model(spec: ModelSpec, dataset: Dataset) -> nnx.Module:
         raise TypeError(f"spec: expected a ModelSpec, got {type(spec).__name__}")
     cls = MODELS[spec.model]
     options = dict(channels=spec.channels, spatial_dims=dataset.x_train.ndim - 2,
-                   stem_kernel_size=spec.stem_kernel_size, norm=spec.norm,
-                   rngs=nnx.Rngs(spec.seed))
+                   stem_kernel_size=spec.stem_kernel_size, norm=spec.norm)
     if cls in (ResNet, PlainNet):
         options.update(blocks=spec.blocks)
     elif cls is RKNet:
@@ -100,7 +100,8 @@ def build_model(spec: ModelSpec, dataset: Dataset) -> nnx.Module:
                        adjoint=ADJOINTS[spec.adjoint](), rtol=spec.rtol, atol=spec.atol,
                        kinetic_weight=spec.kinetic_weight, jacobian_weight=spec.jacobian_weight,
                        augment_channels=spec.augment_channels, seed=spec.seed)
-    return cls(dataset.x_train.shape[-1], dataset.num_classes, **options)
+    return compiled_init(lambda: cls(dataset.x_train.shape[-1], dataset.num_classes, **options,
+                                     rngs=nnx.Rngs(spec.seed)))
 
 
 def rebuild(model: nnx.Module, spec: ModelSpec, dataset: Dataset) -> nnx.Module:
@@ -128,4 +129,3 @@ def rebuild(model: nnx.Module, spec: ModelSpec, dataset: Dataset) -> nnx.Module:
                          f"missing, extra or of another shape: {shown})")
     state = nnx.from_flat_state([(path, source[path]) for path, _ in target])
     return nnx.merge(graphdef, state)
-
