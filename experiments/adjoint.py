@@ -189,7 +189,8 @@ def error_sweep(cfg: Config, solver, ts) -> dict:
     out = {}
     for act_name, activation in ACTIVATIONS.items():
         # The same weights for both activations: only the nonlinearity differs.
-        field = no.ConvField(cfg.channels, activation=activation, rngs=nnx.Rngs(cfg.seed))
+        field = no.compiled_init(lambda: no.ConvField(cfg.channels, activation=activation,
+                                                      rngs=nnx.Rngs(cfg.seed)))
         graphdef, params = nnx.split(field)
         errors, reconstruction, nfe = {}, {}, {}
         for steps in cfg.error_steps:

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from experiments.common import flag, main, save_figure
+from neuralode import compiled_init
 from neuralode.data import Dataset, load_mnist1d
 from neuralode.models import ResNet
 from neuralode.train import TrainConfig, read_metrics, train
@@ -141,8 +142,8 @@ def run(cfg: Config) -> dict:
     # train() evaluates its "test" split every epoch: give it the validation split, keep the test set apart.
     split = Dataset(data.x_train[fit_index], data.y_train[fit_index], data.x_train[val_index],
                     data.y_train[val_index], data.num_classes, "mnist1d-train-validation")
-    model = ResNet(1, data.num_classes, channels=cfg.channels, blocks=cfg.blocks, spatial_dims=1,
-                   rngs=nnx.Rngs(cfg.seed))
+    model = compiled_init(lambda: ResNet(1, data.num_classes, channels=cfg.channels, blocks=cfg.blocks,
+                                         spatial_dims=1, rngs=nnx.Rngs(cfg.seed)))
     config = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
                          schedule="constant", weight_decay=0.0, seed=cfg.seed, checkpoint_every=10**9,
                          keep_checkpoints=1)

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from experiments._minibatch import fit
 from experiments.common import flag, main, save_figure
+from neuralode import compiled_init
 from neuralode.data import load_dataset
 
 F32 = jnp.float32
@@ -115,7 +116,8 @@ def pooled(stats: dict, key: str, widths) -> float:
 
 
 def inactive_at_init(cfg: Config, x: np.ndarray) -> dict:
-    model = MLP([x.shape[1]] + [cfg.init_width] * cfg.init_depth + [10], jax.nn.relu, nnx.Rngs(cfg.seed))
+    model = compiled_init(lambda: MLP([x.shape[1]] + [cfg.init_width] * cfg.init_depth + [10], jax.nn.relu,
+                                      nnx.Rngs(cfg.seed)))
     hidden = _hidden_pre_activations(model, jnp.asarray(x, F32))
     stats = unit_statistics(hidden, jax.nn.relu, 0.0)
     per_input = np.array([np.asarray(jnp.mean(h <= 0, axis=1)) for h in hidden])  # (layers, inputs)
@@ -137,7 +139,8 @@ def train_sweep(cfg: Config, data) -> list[dict]:
     runs = [(lr, name) for lr in cfg.learning_rates for name in ACTIVATIONS]
     for lr, name in tqdm(runs, desc="learning rates x activations"):
         activation = ACTIVATIONS[name]
-        model = MLP(sizes, activation, nnx.Rngs(cfg.seed))  # the same initial weights for every run
+        # the same initial weights for every run
+        model = compiled_init(lambda: MLP(sizes, activation, nnx.Rngs(cfg.seed)))
         at_init = unit_statistics(_hidden_pre_activations(model, jnp.asarray(x)), activation, cfg.dead_slope)
         history = fit(model, loss, x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, tx=optax.adam(lr),
                       seed=cfg.seed, desc=f"{name} lr={lr:g}")

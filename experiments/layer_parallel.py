@@ -90,6 +90,7 @@ from flax import nnx  # noqa: E402
 
 import neuralode  # noqa: E402
 from experiments.common import main, save_figure  # noqa: E402
+from neuralode import compiled_init  # noqa: E402
 from neuralode.data import load_dataset  # noqa: E402
 from neuralode.parallel import (MGRIT, depth_mesh, layer_parallel_solve,  # noqa: E402
                                 layer_parallel_vjp, shard_layers)
@@ -131,9 +132,9 @@ class DeepResNet(nnx.Module):
 
 
 def _model(cfg: Config, dataset, mgrit=None, mesh=None) -> DeepResNet:
-    return DeepResNet(dataset.x_train.shape[-1], dataset.num_classes, width=cfg.width,
-                      blocks=cfg.blocks, horizon=cfg.horizon, mgrit=mgrit, mesh=mesh,
-                      rngs=nnx.Rngs(cfg.seed))
+    return compiled_init(lambda: DeepResNet(
+        dataset.x_train.shape[-1], dataset.num_classes, width=cfg.width, blocks=cfg.blocks,
+        horizon=cfg.horizon, mgrit=mgrit, mesh=mesh, rngs=nnx.Rngs(cfg.seed)))
 
 
 def _residual_histories(model: DeepResNet, x, mgrit: MGRIT, mesh) -> tuple[dict, dict]:

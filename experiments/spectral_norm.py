@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from experiments._minibatch import fit
 from experiments.common import flag, main, save_figure
-from neuralode import analysis
+from neuralode import analysis, compiled_init
 from neuralode.data import load_dataset
 
 F32 = jnp.float32
@@ -218,7 +218,8 @@ def robustness(model: Classifier, x, y, eps_values, lipschitz: float) -> dict:
 
 def train_and_measure(cfg: Config, data, architecture: str, normalise: bool) -> dict:
     shape = data.x_train.shape[1:]
-    model = Classifier(architecture, shape, data.num_classes, cfg, normalise, nnx.Rngs(cfg.seed))
+    model = compiled_init(lambda: Classifier(architecture, shape, data.num_classes, cfg, normalise,
+                                             nnx.Rngs(cfg.seed)))
     steps = cfg.epochs * (len(data.x_train) // cfg.batch_size)
     tx = optax.adam(optax.cosine_decay_schedule(cfg.learning_rate, steps))
     history = fit(model, cross_entropy, data.x_train, data.y_train, epochs=cfg.epochs, batch_size=cfg.batch_size,

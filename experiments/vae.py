@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from experiments._minibatch import fit
 from experiments.common import flag, main, save_figure
+from neuralode import compiled_init
 from neuralode.data import load_dataset
 
 F32 = jnp.float32
@@ -247,7 +248,7 @@ def run(cfg: Config) -> dict:
     steps = cfg.epochs * (len(x_train) // cfg.batch_size)
     results, histories = {}, {}
     for name in tqdm(cfg.decoders, desc="decoders"):
-        model = VAE(name, cfg, nnx.Rngs(cfg.seed))
+        model = compiled_init(lambda: VAE(name, cfg, nnx.Rngs(cfg.seed)))
         anneal = cfg.anneal_fraction * steps if name == "ar_annealed" else 0.0
         histories[name] = fit(model, negative_elbo(anneal), x_train, np.zeros(len(x_train), np.int32),
                               epochs=cfg.epochs, batch_size=cfg.batch_size, tx=optax.adam(cfg.learning_rate),

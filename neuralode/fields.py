@@ -161,7 +161,8 @@ def compiled_init(make: Callable[[], M]) -> M:
     0.5-1 s on a CPU core (6 s for a small ResNet before its first training step); one program
     compiled at XLA's lowest backend optimisation takes 0.6 s and runs once. The values are the
     eager ones up to the last bit (LLVM may fuse a multiply-add differently). `make` takes no
-    arguments: it makes its own `nnx.Rngs` from a seed."""
+    arguments, makes its own `nnx.Rngs` from a seed and must be traceable (a constructor that
+    turns arrays into numpy or Python numbers cannot be compiled; build it eagerly)."""
     if isinstance(jnp.zeros(()), jax.core.Tracer):  # under a transformation: part of its program
         return make()
     graphdef = nnx.graphdef(nnx.eval_shape(make))
