@@ -165,7 +165,12 @@ def compiled_init(make: Callable[[], M]) -> M:
     turns arrays into numpy or Python numbers cannot be compiled; build it eagerly)."""
     if isinstance(jnp.zeros(()), jax.core.Tracer):  # under a transformation: part of its program
         return make()
-    graphdef = nnx.graphdef(nnx.eval_shape(make))
-    state = jax.jit(lambda: nnx.state(make()),
-                    compiler_options={"xla_backend_optimization_level": 0})()
+    graphdef = None
+
+    def init():
+        nonlocal graphdef  # static: the structure, known once traced
+        graphdef, state = nnx.split(make())
+        return state
+
+    state = jax.jit(init, compiler_options={"xla_backend_optimization_level": 0})()
     return nnx.merge(graphdef, state)
