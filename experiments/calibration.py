@@ -27,6 +27,7 @@ from neuralode import compiled_init
 from neuralode.data import Dataset, load_mnist1d
 from neuralode.models import ResNet
 from neuralode.train import TrainConfig, read_metrics, train
+from neuralode.train_step import check_failed_solves, logits_and_stats
 
 
 @dataclasses.dataclass
@@ -88,15 +89,22 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def predict(model: nnx.Module, x: np.ndarray, batch: int = 500) -> np.ndarray:
-    """Logits in batches of one shape (the last one zero-padded), so the forward pass compiles once."""
+    """Logits in batches of one shape (the last one zero-padded), so the forward pass compiles once
+    (and is kept by the compilation cache: the model reports a failed solve instead of raising it
+    from inside the program, and the failure is raised here)."""
     padded = np.concatenate([x, np.zeros((-len(x) % batch, *x.shape[1:]), x.dtype)])
-    return np.concatenate([np.asarray(_forward(model, padded[i:i + batch]))
-                           for i in range(0, len(padded), batch)])[:len(x)]
+    logits = []
+    for i in range(0, len(padded), batch):
+        batch_logits, failed = _forward(model, padded[i:i + batch])
+        check_failed_solves(float(failed), "calibration's logits")
+        logits.append(np.asarray(batch_logits))
+    return np.concatenate(logits)[:len(x)]
 
 
 @nnx.jit
-def _forward(model: nnx.Module, x: jax.Array) -> jax.Array:
-    return model(x)
+def _forward(model: nnx.Module, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    logits, stats = logits_and_stats(model, x)
+    return logits, stats.get("failed_solves", 0)
 
 
 def plot(cfg: Config, history: list[dict], tables: dict, eces: dict, temperature: float, curve) -> None:
