@@ -83,6 +83,7 @@ if __name__ == "__main__":
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -95,6 +96,7 @@ from neuralode.data import load_dataset  # noqa: E402
 from neuralode.parallel import (MGRIT, depth_mesh, layer_parallel_solve,  # noqa: E402
                                 layer_parallel_vjp, shard_layers)
 from neuralode.train import TrainConfig, classification_metrics, read_metrics, train  # noqa: E402
+from neuralode.train_step import check_failed_solves  # noqa: E402
 
 
 class DeepResNet(nnx.Module):
@@ -114,10 +116,12 @@ class DeepResNet(nnx.Module):
 
     def forward(self, x):
         y, stats = self.features(x), {}
-        if self.mgrit is None:
+        if self.mgrit is None:  # reported, not raised: the step holds no host callback
             ts = jnp.array([0.0, self.horizon], y.dtype)
-            y = neuralode.odeint(self.stack, y, ts, solver=neuralode.Euler(),
-                                 substeps=self.stack.depth)[-1]
+            sol = neuralode.solve(self.stack, y, ts, solver=neuralode.Euler(),
+                                  substeps=self.stack.depth, throw=False)
+            y = sol.ys[-1]
+            stats = {"failed_solves": (sol.result != neuralode.RESULTS.successful).astype(jnp.int32)}
         else:
             sol = layer_parallel_solve(self.stack, y, 0.0, self.horizon, solver=neuralode.Euler(),
                                        mgrit=self.mgrit, mesh=self.mesh)
@@ -128,7 +132,12 @@ class DeepResNet(nnx.Module):
         return self.head(jnp.mean(jax.nn.relu(y), axis=1)), stats
 
     def __call__(self, x):
-        return self.forward(x)[0]
+        """The logits; raises (when the program runs) if the serial solve failed."""
+        logits, stats = self.forward(x)
+        if "failed_solves" in stats:
+            logits = eqx.error_if(logits, stats["failed_solves"] > 0,
+                                  "DeepResNet: the solve of its blocks failed (a non-finite state)")
+        return logits
 
 
 def _model(cfg: Config, dataset, mgrit=None, mesh=None) -> DeepResNet:
@@ -172,7 +181,8 @@ def convergence(probes: dict, model: DeepResNet, x) -> dict:
 
 
 def _accuracy(model: DeepResNet, dataset) -> float:
-    logits = jax.jit(lambda m, x: m(x))(model, dataset.x_test)
+    logits, stats = jax.jit(lambda m, x: m.forward(x))(model, dataset.x_test)
+    check_failed_solves(float(stats.get("failed_solves", 0)), "layer_parallel's accuracy")
     return float(classification_metrics(logits, jnp.asarray(dataset.y_test))[1]["accuracy"])
 
 
