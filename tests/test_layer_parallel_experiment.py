@@ -45,3 +45,27 @@ def test_layer_parallel_network_is_the_serial_one_at_convergence():
     np.testing.assert_allclose(logits, jax.jit(lambda model, x: model(x))(serial, x),
                                rtol=1e-5, atol=1e-5)
     assert not stats["mgrit_fallback"] and stats["mgrit_residual"] >= 0
+
+
+def test_serial_network_reports_a_failed_solve_and_its_call_raises():
+    """As the models do: `forward` reports a non-finite state in `failed_solves` (so the train step
+    holds no host callback), calling the network raises it, and its accuracy refuses it."""
+    import optax
+    from flax import nnx
+
+    from neuralode.parallel.data import holds_host_callback
+    from neuralode.train_step import classification_loss, make_train_state, make_train_step
+
+    dataset = load_dataset("mnist1d")
+    model = experiment._model(experiment.Config(width=4, blocks=4), dataset)
+    x = np.array(dataset.x_test[:4])
+    x[1, 3, 0] = np.nan
+    assert int(nnx.jit(lambda m, x: m.forward(x))(model, x)[1]["failed_solves"]) == 1
+    with pytest.raises(jax.errors.JaxRuntimeError, match="DeepResNet: the solve of its blocks failed"):
+        jax.block_until_ready(nnx.jit(lambda m, x: m(x))(model, x))
+    nan_data = dataset._replace(x_test=x, y_test=dataset.y_test[:4])
+    with pytest.raises(RuntimeError, match="layer_parallel's accuracy: an ODE solve of the model failed"):
+        experiment._accuracy(model, nan_data)
+    graphdef, state = make_train_state(model, optax.adam(1e-3))
+    step = make_train_step(graphdef, classification_loss)
+    assert not holds_host_callback(jax.make_jaxpr(step)(state, x, dataset.y_test[:4]).jaxpr)
