@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 import neuralode as no
-from neuralode.measure import (CallCounter, CountedField, accuracy, cheapest, count_params,
-                               counted_nfe, forward_stats, gradient_memory_bytes, loglog_slope,
-                               memory_analysis, pareto_front, solve_stats)
+from neuralode.measure import (MEMORY_FIELDS, CallCounter, CountedField, accuracy, cheapest,
+                               count_params, counted_nfe, forward_stats, gradient_memory_bytes,
+                               loglog_slope, memory_analysis, pareto_front, solve_stats)
 from neuralode.models import ODENet
 from neuralode.train import classification_loss
 
@@ -72,6 +72,16 @@ def test_memory_analysis_and_gradient_memory():
     shallow, deep = (gradient_memory_bytes(Deep(depth), squared_error, x, x) for depth in (1, 8))
     activation = x.size * 4
     assert deep - shallow >= 7 * activation  # at least one stored activation per extra layer
+    # Compiled at the lowest backend optimisation, the statistics are those of optimised code.
+    graphdef, state = nnx.split(Deep(8))
+
+    def grad(state, x, y):
+        return nnx.grad(lambda model: squared_error(model, x, y)[0])(nnx.merge(graphdef, state))
+
+    optimised = jax.jit(grad).lower(state, x, x).compile(
+        compiler_options={"xla_backend_optimization_level": 3}).memory_analysis()
+    assert memory_analysis(grad, state, x, x) == {
+        key: int(getattr(optimised, key)) for key in MEMORY_FIELDS if hasattr(optimised, key)}
 
 
 def test_accuracy_in_batches_equals_the_whole_batch():
