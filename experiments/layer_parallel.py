@@ -95,8 +95,8 @@ from neuralode import compiled_init  # noqa: E402
 from neuralode.data import load_dataset  # noqa: E402
 from neuralode.parallel import (MGRIT, depth_mesh, layer_parallel_solve,  # noqa: E402
                                 layer_parallel_vjp, shard_layers)
-from neuralode.train import TrainConfig, classification_metrics, read_metrics, train  # noqa: E402
-from neuralode.train_step import check_failed_solves  # noqa: E402
+from neuralode.measure import accuracy as accuracy_of  # noqa: E402
+from neuralode.train import TrainConfig, read_metrics, train  # noqa: E402
 
 
 class DeepResNet(nnx.Module):
@@ -180,12 +180,6 @@ def convergence(probes: dict, model: DeepResNet, x) -> dict:
     return out
 
 
-def _accuracy(model: DeepResNet, dataset) -> float:
-    logits, stats = jax.jit(lambda m, x: m.forward(x))(model, dataset.x_test)
-    check_failed_solves(float(stats.get("failed_solves", 0)), "layer_parallel's accuracy")
-    return float(classification_metrics(logits, jnp.asarray(dataset.y_test))[1]["accuracy"])
-
-
 def _train(cfg: Config, model, dataset, workdir: Path) -> list[dict]:
     config = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size,
                          learning_rate=cfg.learning_rate, seed=cfg.seed, progress=cfg.progress,
@@ -263,7 +257,8 @@ def run(cfg: Config) -> dict:
     nnx.update(check, nnx.state(parallel, nnx.Param))
     accuracy = {"serial": history["serial"][-1]["test_accuracy"],
                 "layer_parallel": history["layer_parallel"][-1]["test_accuracy"],
-                "layer_parallel_weights_serial_forward": _accuracy(check, dataset)}
+                "layer_parallel_weights_serial_forward": accuracy_of(check, dataset.x_test,
+                                                                      dataset.y_test)}
     # Median epoch time without the first epoch, which compiles.
     epoch_s = {name: float(np.median([r["epoch_seconds"] for r in h[1:] or h]))
                for name, h in history.items()}

@@ -53,6 +53,7 @@ def test_serial_network_reports_a_failed_solve_and_its_call_raises():
     import optax
     from flax import nnx
 
+    from neuralode.measure import accuracy
     from neuralode.parallel.data import holds_host_callback
     from neuralode.train_step import classification_loss, make_train_state, make_train_step
 
@@ -64,8 +65,8 @@ def test_serial_network_reports_a_failed_solve_and_its_call_raises():
     with pytest.raises(jax.errors.JaxRuntimeError, match="DeepResNet: the solve of its blocks failed"):
         jax.block_until_ready(nnx.jit(lambda m, x: m(x))(model, x))
     nan_data = dataset._replace(x_test=x, y_test=dataset.y_test[:4])
-    with pytest.raises(RuntimeError, match="layer_parallel's accuracy: an ODE solve of the model failed"):
-        experiment._accuracy(model, nan_data)
+    with pytest.raises(RuntimeError, match="accuracy: an ODE solve of the model failed"):
+        accuracy(model, nan_data.x_test, nan_data.y_test)
     graphdef, state = make_train_state(model, optax.adam(1e-3))
     step = make_train_step(graphdef, classification_loss)
     assert not holds_host_callback(jax.make_jaxpr(step)(state, x, dataset.y_test[:4]).jaxpr)
