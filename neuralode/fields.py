@@ -154,6 +154,11 @@ class DepthStack(nnx.Module):
                         "fixed-step solver, or call .layer(k)(t, y)")
 
 
+# XLA's lowest backend optimisation (LLVM at -O0), for programs run once: initialisers, counts,
+# memory statistics. The algorithm is the same (XLA's CPU fast-math is off at every level).
+LOWEST_OPTIMISATION = {"xla_backend_optimization_level": 0}
+
+
 def compiled_init(make: Callable[[], M]) -> M:
     """The module `make()` builds, with its initialisers run as one compiled program.
 
@@ -172,5 +177,5 @@ def compiled_init(make: Callable[[], M]) -> M:
         graphdef, state = nnx.split(make())
         return state
 
-    state = jax.jit(init, compiler_options={"xla_backend_optimization_level": 0})()
+    state = jax.jit(init, compiler_options=LOWEST_OPTIMISATION)()
     return nnx.merge(graphdef, state)

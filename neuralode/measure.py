@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from neuralode.data import batches
+from neuralode.fields import LOWEST_OPTIMISATION
 from neuralode.integrate import solve
 from neuralode.train_step import check_failed_solves, logits_and_stats
 
@@ -104,11 +105,17 @@ def counted_nfe(model: nnx.Module, loss_fn: Callable, x, y) -> tuple[int, int]:
     for index in range(len(clone.stages)):
         clone.stages[index] = CountedField(clone.stages[index], counter)
     loss, grad, state = _loss_and_grad(clone, loss_fn)
-    metrics = jax.jit(loss)(state, x, y)[1]
+    metrics = run_once(loss, state, x, y)[1]
     check_failed_solves(float(metrics.get("failed_solves", 0)), "counted_nfe")
     forward, counter.calls = counter.calls, 0
-    jax.block_until_ready(jax.jit(grad)(state, x, y))
+    jax.block_until_ready(run_once(grad, state, x, y))
     return forward, counter.calls - forward
+
+
+def run_once(fn: Callable, *args):
+    """`jax.jit(fn)(*args)` compiled at XLA's lowest backend optimisation (`-O0`), for a program
+    run once (a count, a measurement), where LLVM's optimisation would cost more than it saves."""
+    return jax.jit(fn, compiler_options=LOWEST_OPTIMISATION)(*args)
 
 
 def _loss_and_grad(model: nnx.Module, loss_fn: Callable):
@@ -139,8 +146,7 @@ def memory_analysis(fn: Callable, *args) -> dict[str, int]:
     Compiled at XLA's lowest backend optimisation: the statistics come from the buffer assignment
     of XLA's HLO passes, which LLVM does not change (the same bytes at every level, measured on
     ResNet, RK-Net and ODE-Net gradients), and the compilation takes 1.5-1.8x less time."""
-    stats = jax.jit(fn).lower(*args).compile(
-        compiler_options={"xla_backend_optimization_level": 0}).memory_analysis()
+    stats = jax.jit(fn).lower(*args).compile(LOWEST_OPTIMISATION).memory_analysis()
     return {key: int(getattr(stats, key)) for key in MEMORY_FIELDS if hasattr(stats, key)}
 
 

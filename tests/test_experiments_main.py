@@ -25,18 +25,33 @@ def run_main(tmp_path, *args):
 
 
 def test_runs_the_named_experiments_into_a_report_and_fills_the_compilation_cache(tmp_path):
-    done = run_main(tmp_path, "--only", "paths")
+    done = run_main(tmp_path, "--only", "paths", "init_variance", "--jobs", "2")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "=== [1/1] experiments.paths" in done.stdout
+    for name in ("paths", "init_variance"):  # started together, each writing its own log
+        assert f"experiments.{name} (output: {tmp_path / 'out' / 'logs' / name}.log)" in done.stdout
+        assert f"=== {name}: ok in" in done.stdout
+        log = (tmp_path / "out" / "logs" / f"{name}.log").read_text()
+        assert f"wrote {tmp_path / 'out' / name}.json" in log
     report = (tmp_path / "out" / "REPORT.md").read_text()
     assert "## paths (ok" in report and "| B9 |" in report  # its headline and its claims row
+    assert report.index("## paths") < report.index("## init_variance")  # in the order asked for
     assert any((tmp_path / "cache" / "neuralode" / "jax").iterdir())  # compiled programs kept
+
+
+def test_the_longest_experiment_starts_first_and_the_benchmarks_come_last():
+    from experiments.__main__ import experiment_names
+
+    names = experiment_names()
+    benchmarks = [n for n in names if n.startswith("bench_")]
+    assert names[0] == "table" and benchmarks and names[-len(benchmarks):] == benchmarks
 
 
 def test_unknown_experiment_names_fail_before_anything_runs(tmp_path):
     done = run_main(tmp_path, "--only", "paths", "nonsense")
     assert done.returncode == 2 and "--only: unknown experiments ['nonsense']" in done.stderr
     assert "===" not in done.stdout and not (tmp_path / "out").exists()
+    done = run_main(tmp_path, "--only", "paths", "--jobs", "0")
+    assert done.returncode == 2 and "--jobs must be >= 1, got 0" in done.stderr
 
 
 def test_every_flag_of_every_experiment_has_a_help_text():
