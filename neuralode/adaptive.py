@@ -182,13 +182,13 @@ def diffrax_solve(dynamics: Dynamics, solver, y0, ts, args, *, controller, adjoi
 
 
 def solve_interval(vector_field: Callable, solver, state, t_start, t_end, *, controller,
-                   max_steps: int):
+                   max_steps: int, throw: bool = True):
     """The state at `t_end` of dy/dt = vector_field(t, y, None) from `state` at `t_start` (either
-    direction); raises (diffrax's message) if the solve fails."""
+    direction), and whether the solve failed: it raises instead (diffrax's message) with `throw`."""
     sol = diffrax.diffeqsolve(diffrax.ODETerm(vector_field), diffrax_solver(solver), t0=t_start,
                               t1=t_end, dt0=None, y0=state, saveat=diffrax.SaveAt(t1=True),
-                              stepsize_controller=controller, max_steps=max_steps, throw=True)
-    return jax.tree.map(lambda x: x[0], sol.ys)
+                              stepsize_controller=controller, max_steps=max_steps, throw=throw)
+    return jax.tree.map(lambda x: x[0], sol.ys), sol.result != diffrax.RESULTS.successful
 
 
 def check_solver(solver) -> None:

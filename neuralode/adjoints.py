@@ -26,6 +26,7 @@ import warnings
 import diffrax
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -199,7 +200,7 @@ class BacksolveAdjoint(AbstractAdjoint):
                              "DiscreteAdjoint()")
 
     def integrate(self, dynamics, solver, y0, ts, args, substeps, every_step=False):
-        return continuous_adjoint(self.report, FixedStepper(solver, substeps), dynamics, y0, ts,
+        return continuous_adjoint(self, FixedStepper(solver, substeps), dynamics, y0, ts,
                                   args, None)[0]
 
     def solve_adaptive(self, dynamics, y0, ts, args, tols, options):
@@ -208,7 +209,7 @@ class BacksolveAdjoint(AbstractAdjoint):
             raise ValueError(f"adjoint=BacksolveAdjoint() solves backwards with the forward "
                              f"step-size controller, which must be adaptive; got "
                              f"{options.controller!r}")
-        ys, aux = continuous_adjoint(self.report, AdaptiveStepper(options), dynamics, y0, ts,
+        ys, aux = continuous_adjoint(self, AdaptiveStepper(options), dynamics, y0, ts,
                                      args, tols)
         stats, result = lax.stop_gradient(aux)  # integer statistics: no tangents
         return ys, stats, result, None, None
@@ -224,10 +225,18 @@ class BacksolveAdjoint(AbstractAdjoint):
             jax.debug.callback(functools.partial(_warn_mismatch, self.tolerance), mismatch)
         return a
 
+    def reported(self, mismatch, failed):
+        """The backward pass's entry of a backward report (`neuralode.backsolve.REPORT_FIELDS`),
+        where `on_mismatch` is applied on the host (`check_backward_report`)."""
+        above = (mismatch > self.tolerance) & (self.on_mismatch != "ignore")
+        return jnp.stack([failed, above & (self.on_mismatch == "raise"),
+                          above & (self.on_mismatch == "warn"), mismatch]).astype(mismatch.dtype)
 
-def _mismatch_message(tolerance) -> str:
+
+def _mismatch_message(tolerance: float | None) -> str:
+    above = f"tolerance={tolerance:g}" if tolerance is not None else "the adjoint's tolerance"
     return (f"BacksolveAdjoint: the backwards solve did not reconstruct the forward states "
-            f"(relative mismatch above tolerance={tolerance:g}), so the continuous adjoint is "
+            f"(relative mismatch above {above}), so the continuous adjoint is "
             "linearised around the wrong trajectory and its gradient is unreliable. Use "
             "adjoint=DiscreteAdjoint() or CheckpointAdjoint() (the exact gradient of the solve)")
 
@@ -236,3 +245,21 @@ def _warn_mismatch(tolerance, mismatch):
     worst = float(np.max(mismatch))
     if not worst <= tolerance:
         warnings.warn(ReconstructionWarning(_mismatch_message(tolerance), worst), stacklevel=2)
+
+
+def check_backward_report(metrics: dict, where: str, advice: str = "") -> None:
+    """Act on the backward report in `metrics` (host values; `neuralode.backsolve.REPORT_FIELDS`, as
+    `neuralode.train_step.metrics_and_gradients` adds them): raise RuntimeError if a backwards
+    solve of `BacksolveAdjoint` failed or a mismatch is above tolerance with on_mismatch="raise",
+    warn (`ReconstructionWarning`, its `mismatch` the summed largest mismatches) with "warn"."""
+    if float(metrics.get("failed_backward_solves", 0)) > 0:
+        raise RuntimeError(
+            f"{where}: a backwards solve of BacksolveAdjoint failed (max_steps reached or a "
+            "non-finite adjoint state), so its gradients are nan; raise max_steps, loosen the "
+            f"tolerances or use adjoint=CheckpointAdjoint(){advice}")
+    if float(metrics.get("reconstruction_errors", 0)) > 0:
+        raise RuntimeError(f"{where}: {_mismatch_message(None)}{advice}")
+    if float(metrics.get("reconstruction_warnings", 0)) > 0:
+        warnings.warn(ReconstructionWarning(_mismatch_message(None),
+                                            float(metrics["reconstruction_mismatch"])),
+                      stacklevel=2)

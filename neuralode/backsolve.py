@@ -9,9 +9,17 @@ a and restarting y from the stored forward state (Chen et al. 2018). A stepper s
 interval is crossed: `FixedStepper` with the solver's steps (negative), `AdaptiveStepper` with one
 diffrax solve per interval. At the start of every interval the reconstructed y is compared with
 the forward state, and the gradient with respect to `ts` follows from a and f at the outputs.
+
+The backward pass's failures (a backwards solve out of steps) and mismatches raise or warn from
+inside the program, by host callbacks, unless a backward report is being collected
+(`reporting_backward(probe)` while the gradient is traced, as `neuralode.train_step` does): then
+they go into the cotangent of `probe`, the program holds no callback (so JAX's compilation cache
+keeps it), and the caller checks the report on the host.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable, NamedTuple
 
 import diffrax
@@ -24,6 +32,36 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from neuralode import adaptive
 from neuralode.adaptive import AdaptiveOptions
 from neuralode.stepping import Dynamics, fixed_step_loop, per_interval
+
+
+# The entries of a backward report, each summed over the solves that report into one probe.
+REPORT_FIELDS = (
+    "failed_backward_solves",   # backwards solves that failed (max_steps reached, non-finite)
+    "reconstruction_errors",    # solves whose mismatch is above tolerance, on_mismatch="raise"
+    "reconstruction_warnings",  # ... on_mismatch="warn"
+    "reconstruction_mismatch",  # each solve's largest relative mismatch max|y~ - y| / max|y|
+)
+_REPORTING: contextvars.ContextVar = contextvars.ContextVar("backward_report", default=None)
+
+
+@contextlib.contextmanager
+def reporting_backward(probe: jax.Array):
+    """While a gradient is traced inside this context, every `BacksolveAdjoint` solve reports its
+    backward pass into the cotangent of `probe` (zeros of shape `(len(REPORT_FIELDS),)`, an input
+    of the differentiated function), summed over the solves, instead of raising or warning from
+    inside the program; a failed backwards solve also makes its gradients nan. Yields a list that
+    is not empty once a solve reports there."""
+    users: list = []
+    token = _REPORTING.set((probe, users))
+    try:
+        yield users
+    finally:
+        _REPORTING.reset(token)
+
+
+def reporting() -> bool:
+    """Whether a backward report is being collected (`reporting_backward`)."""
+    return _REPORTING.get() is not None
 
 
 def _tree_zeros_like(tree):
@@ -54,9 +92,10 @@ class FixedStepper(NamedTuple):
     def layers(self, stacked, intervals):
         return per_interval(stacked, intervals, self.substeps)
 
-    def back(self, augmented, state, t_end, t_start, layers, tols):
+    def back(self, augmented, state, t_end, t_start, layers, tols, throw):
         """Integrate `augmented(t, (y, a, a_theta, a_layer), layer)` from t_end back to t_start in
-        `substeps` steps, with each step's layer; returns the state and each layer's cotangent."""
+        `substeps` steps, with each step's layer; returns the state, each layer's cotangent and
+        whether it failed (never: the steps are fixed)."""
         h = (t_end - t_start) / self.substeps
 
         def back_step(carry, layer):
@@ -71,7 +110,7 @@ class FixedStepper(NamedTuple):
         (y, a, grad_theta, _), d_layers = lax.scan(
             back_step, state + (jnp.asarray(self.substeps, h.dtype),), layers,
             length=self.substeps, reverse=True)
-        return (y, a, grad_theta), d_layers
+        return (y, a, grad_theta), d_layers, jnp.asarray(False)
 
 
 class AdaptiveStepper(NamedTuple):
@@ -90,49 +129,58 @@ class AdaptiveStepper(NamedTuple):
     def layers(self, stacked, intervals):
         return None
 
-    def back(self, augmented, state, t_end, t_start, layers, tols):
+    def back(self, augmented, state, t_end, t_start, layers, tols, throw):
         controller = self.options.controller or adaptive.backward_controller(
             *tols, self.options.controlled)
-        state = adaptive.solve_interval(lambda t, s, _: augmented(t, s, None)[:3],
-                                        self.options.solver, state, t_end, t_start,
-                                        controller=controller, max_steps=self.options.max_steps)
-        return state, None
+        state, failed = adaptive.solve_interval(
+            lambda t, s, _: augmented(t, s, None)[:3], self.options.solver, state, t_end,
+            t_start, controller=controller, max_steps=self.options.max_steps, throw=throw)
+        return state, None, failed
 
 
-def continuous_adjoint(report: Callable, stepper, dynamics: Dynamics, y0, ts, args, tols):
-    """The solve of `dynamics` by `stepper` (`(ys, aux)`), differentiated by the continuous adjoint;
-    `report(mismatch, a)` acts on the largest relative reconstruction mismatch and returns a."""
+def continuous_adjoint(checks, stepper, dynamics: Dynamics, y0, ts, args, tols):
+    """The solve of `dynamics` by `stepper` (`(ys, aux)`), differentiated by the continuous adjoint.
+    `checks` acts on the backward pass's largest relative reconstruction mismatch: inside the
+    program `checks.report(mismatch, a)` (returns a), or into a backward report (see
+    `reporting_backward`) `checks.reported(mismatch, failed)`, an array of `REPORT_FIELDS`."""
     layer0 = jax.tree.map(lambda x: x[0], dynamics.stacked)
     # Closed-over tracers of the field become explicit inputs, so gradients reach them too.
     func, consts = jax.closure_convert(dynamics.func, ts[0], y0, args, dynamics.tied, layer0)
-    return _backsolve_function(func, stepper, report)(y0, ts, args, dynamics.tied,
-                                                      dynamics.stacked, consts, tols)
+    probe = None
+    if reporting():
+        probe, users = _REPORTING.get()
+        users.append(checks)
+    return _backsolve_function(func, stepper, checks)(y0, ts, args, dynamics.tied,
+                                                      dynamics.stacked, consts, tols, probe)
 
 
-def _backsolve_function(func, stepper, report: Callable):
+def _backsolve_function(func, stepper, checks):
     """The solve as a `jax.custom_vjp` whose backward pass integrates the adjoint system."""
 
     def closed(tied, stacked, consts):
         return Dynamics(lambda t, y, args, tied, layer: func(t, y, args, tied, layer, *consts),
                         tied, stacked)
 
-    def forward(y0, ts, args, tied, stacked, consts, tols):
+    def forward(y0, ts, args, tied, stacked, consts, tols, probe):
         return stepper.forward(closed(tied, stacked, consts), y0, ts, args, tols)
 
     def forward_with_residuals(*primals):
         is_primal = lambda x: isinstance(x, CustomVJPPrimal)  # noqa: E731
-        y0, ts, args, tied, stacked, consts, tols = jax.tree.map(
+        y0, ts, args, tied, stacked, consts, tols, probe = jax.tree.map(
             lambda p: p.value, primals, is_leaf=is_primal)
         ts_perturbed = any(p.perturbed for p in jax.tree.leaves(primals[1], is_leaf=is_primal))
+        reported = any(p.perturbed for p in jax.tree.leaves(primals[7], is_leaf=is_primal))
         if ts_perturbed and stacked is not None:
             raise ValueError("adjoint=BacksolveAdjoint() does not differentiate ts for a "
                              "depth-varying field (DepthStack); use DiscreteAdjoint()")
-        out = forward(y0, ts, args, tied, stacked, consts, tols)
-        marker = jnp.zeros(0) if ts_perturbed else None  # whether dL/dts is wanted (static)
-        return out, (out[0], ts, args, tied, stacked, consts, tols, marker)
+        out = forward(y0, ts, args, tied, stacked, consts, tols, probe)
+        # Static flags, as an array or None: whether dL/dts is wanted, whether to report.
+        marker = jnp.zeros(0) if ts_perturbed else None
+        report_to = jnp.zeros(0, probe.dtype) if reported else None
+        return out, (out[0], ts, args, tied, stacked, consts, tols, marker, report_to)
 
     def backward(residuals, cotangents):
-        ys, ts, args, tied, stacked, consts, tols, marker = residuals
+        ys, ts, args, tied, stacked, consts, tols, marker, report_to = residuals
         ys_ct = jax.tree.map(lambda c, y: jnp.zeros_like(y) if isinstance(c, SymbolicZero) else c,
                              cotangents[0], ys, is_leaf=lambda c: isinstance(c, SymbolicZero))
         theta, static = eqx.partition((args, tied, consts), eqx.is_inexact_array)
@@ -152,17 +200,25 @@ def _backsolve_function(func, stepper, report: Callable):
             a, grad_theta = carry
             y_end, y_start, c_end, t_start, t_end, layers = xs
             a = _tree_add(a, c_end)
-            (y, a, grad_theta), d_layers = stepper.back(augmented, (y_end, a, grad_theta), t_end,
-                                                        t_start, layers, tols)
-            return (a, grad_theta), (d_layers, relative_mismatch(y, y_start))
+            (y, a, grad_theta), d_layers, failed = stepper.back(
+                augmented, (y_end, a, grad_theta), t_end, t_start, layers, tols,
+                throw=report_to is None)
+            return (a, grad_theta), (d_layers, relative_mismatch(y, y_start), failed)
 
-        (a, grad_theta), (d_layers, mismatch) = lax.scan(
+        (a, grad_theta), (d_layers, mismatch, failed) = lax.scan(
             back_interval, (jax.tree.map(lambda y: jnp.zeros_like(y[0]), ys),
                             _tree_zeros_like(theta)),
             (jax.tree.map(lambda y: y[1:], ys), jax.tree.map(lambda y: y[:-1], ys),
              jax.tree.map(lambda c: c[1:], ys_ct), ts[:-1], ts[1:],
              stepper.layers(stacked, ts.shape[0] - 1)), reverse=True)
-        a = report(jnp.max(mismatch), a)  # a = a(t_0), before the cotangent of ys[0]
+        probe_cotangent = None
+        if report_to is None:
+            a = checks.report(jnp.max(mismatch), a)  # a = a(t_0), before the cotangent of ys[0]
+        else:  # reported; a failed backwards solve leaves no number to trust
+            failed = jnp.any(failed)
+            probe_cotangent = checks.reported(jnp.max(mismatch), failed).astype(report_to.dtype)
+            a, grad_theta, d_layers = jax.tree.map(
+                lambda g: jnp.where(failed, jnp.nan, g), (a, grad_theta, d_layers))
         grad_args, grad_tied, grad_consts = grad_theta
         grad_stacked = jax.tree.map(lambda g: g.reshape((-1,) + g.shape[2:]), d_layers)
         grad_ts = None
@@ -174,7 +230,7 @@ def _backsolve_function(func, stepper, report: Callable):
                         zip(jax.tree.leaves(a), jax.tree.leaves(values)))
             grad_ts = dots.at[0].set(-start).astype(ts.dtype)
         return (_tree_add(a, jax.tree.map(lambda c: c[0], ys_ct)), grad_ts, grad_args, grad_tied,
-                grad_stacked, grad_consts, None)
+                grad_stacked, grad_consts, None, probe_cotangent)
 
     function = jax.custom_vjp(forward)
     function.defvjp(forward_with_residuals, backward, symbolic_zeros=True)
@@ -192,7 +248,7 @@ def reconstruction_error(dynamics: Dynamics, stepper, ys, ts, args, tols=None):
                                                                          None),
                                            stepper.options.solver, y_end, t_end, t_start,
                                            controller=controller,
-                                           max_steps=stepper.options.max_steps)
+                                           max_steps=stepper.options.max_steps)[0]
     else:
         # Each interval runs the ordinary loop on the reversed grid [ts[i+1], ts[i]] (negative
         # steps), with its depth-varying layers in reverse order.

@@ -26,7 +26,7 @@ from flax import nnx
 from neuralode import adaptive, validation
 from neuralode.adaptive import RESULTS, AdaptiveOptions
 from neuralode.adjoints import AbstractAdjoint, DiscreteAdjoint
-from neuralode.backsolve import AdaptiveStepper, FixedStepper, reconstruction_error
+from neuralode.backsolve import AdaptiveStepper, FixedStepper, reconstruction_error, reporting
 from neuralode.fields import DepthStack
 from neuralode.solvers import AbstractSolver, Dopri5
 from neuralode.stepping import Dynamics, hermite_interpolation
@@ -187,7 +187,8 @@ def solve(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolver
     options = _Options(func, solver, adjoint, int(substeps), int(max_steps), throw, controlled,
                        stepsize_controller, event, dense, check_finite)
     arrays = (y0, ts, args, tied, stacked, rtol, atol)
-    if validation.is_traced((arrays, stepsize_controller, event)):
+    # Traced inline; also where a backward report is collected, which a cached program would miss.
+    if validation.is_traced((arrays, stepsize_controller, event)) or reporting():
         return _solve(options, *arrays)
     return _solve_compiled(options, *arrays)
 

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from neuralode import rundir
 from neuralode.checkpoints import CheckpointStore
+from neuralode.adjoints import check_backward_report
 from neuralode.data import Dataset, batches, num_batches, random_shift, validate_dataset
 from neuralode.parallel.data import data_parallel_eval_step, data_parallel_train_step
 from neuralode.resume import restore, run_identity
@@ -193,6 +194,7 @@ def train(
                     metrics = jax.device_get(metrics)
                     check_failed_solves(metrics.get("failed_solves", 0), f"step {progress.step + 1}",
                                         _UNSAVED)
+                    check_backward_report(metrics, f"step {progress.step + 1}", _UNSAVED)
                     progress.add(metrics, len(y))
                     bar.update()
                     bar.set_postfix({k: f"{v:.4f}" for k, v in progress.means().items()

@@ -27,6 +27,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from neuralode.backsolve import REPORT_FIELDS, reporting_backward
+
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 TrainStep = Callable[..., tuple[nnx.State, dict[str, jax.Array]]]
 
@@ -107,12 +109,35 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
     @jax.jit
     def step(state: nnx.State, *batch: Any) -> tuple[nnx.State, dict[str, jax.Array]]:
         parts = nnx.merge(graphdef, state)
-        (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(parts["model"], *batch)
+        metrics, grads = metrics_and_gradients(loss_fn, parts["model"], *batch)
         if gradient_metrics is not None:
             metrics = {**metrics, **gradient_metrics(grads)}
         return apply_gradients(parts, grads), metrics
 
     return step
+
+
+def metrics_and_gradients(loss_fn: LossFn, model: nnx.Module, *batch: Any
+                          ) -> tuple[dict[str, jax.Array], nnx.State]:
+    """The metrics of `loss_fn(model, *batch) -> (loss, metrics)` and the loss's gradient with
+    respect to the model's parameters. Where the loss solves with `BacksolveAdjoint`, its backward
+    passes report into the metrics (`neuralode.backsolve.REPORT_FIELDS`: failed backwards solves,
+    reconstruction mismatches), so that the program holds no host callback of theirs; check them
+    with `neuralode.adjoints.check_backward_report` (`train` does, after every step)."""
+    reporters = []
+
+    def loss(model, probe):
+        with reporting_backward(probe) as users:
+            out = loss_fn(model, *batch)
+        reporters.extend(users)
+        return out
+
+    probe = jnp.zeros(len(REPORT_FIELDS))
+    (_, metrics), (grads, report) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        model, probe)
+    if reporters:
+        metrics = {**metrics, **dict(zip(REPORT_FIELDS, report))}
+    return metrics, grads
 
 
 def apply_gradients(parts: dict[str, nnx.Module], grads: nnx.State) -> nnx.State:

@@ -25,16 +25,16 @@ def run_main(tmp_path, *args):
 
 
 def test_runs_the_named_experiments_into_a_report_and_fills_the_compilation_cache(tmp_path):
-    done = run_main(tmp_path, "--only", "paths", "init_variance", "--jobs", "2")
+    done = run_main(tmp_path, "--only", "stages", "init_variance", "--jobs", "2")
     assert done.returncode == 0, done.stderr[-3000:]
-    for name in ("paths", "init_variance"):  # started together, each writing its own log
+    for name in ("stages", "init_variance"):  # started together, each writing its own log
         assert f"experiments.{name} (output: {tmp_path / 'out' / 'logs' / name}.log)" in done.stdout
         assert f"=== {name}: ok in" in done.stdout
         log = (tmp_path / "out" / "logs" / f"{name}.log").read_text()
         assert f"wrote {tmp_path / 'out' / name}.json" in log
     report = (tmp_path / "out" / "REPORT.md").read_text()
-    assert "## paths (ok" in report and "| B9 |" in report  # its headline and its claims row
-    assert report.index("## paths") < report.index("## init_variance")  # in the order asked for
+    assert "## stages (ok" in report and "| C3 |" in report  # its headline and its claims row
+    assert report.index("## stages") < report.index("## init_variance")  # in the order asked for
     assert any((tmp_path / "cache" / "neuralode" / "jax").iterdir())  # compiled programs kept
 
 

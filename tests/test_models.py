@@ -171,11 +171,12 @@ def conv(kernel, cin, cout, spatial_dims):
 
 
 @pytest.mark.parametrize("cls, options", [
-    (ResNet, {}), (RKNet, {}), (ODENet, dict(adjoint=no.CheckpointAdjoint()))],
-    ids=["ResNet", "RKNet", "ODENet"])
+    (ResNet, {}), (RKNet, {}), (ODENet, dict(adjoint=no.CheckpointAdjoint())), (ODENet, {})],
+    ids=["ResNet", "RKNet", "ODENet-checkpoint", "ODENet-backsolve"])
 def test_failed_solves_are_reported_by_forward_raised_by_call_and_the_step_has_no_callback(cls, options):
     # forward reports (the train step stays free of host callbacks: cacheable, and one program
-    # over a mesh); model(x) raises the status of the first failed stage.
+    # over a mesh; BacksolveAdjoint's backward pass reports into the step's metrics); model(x)
+    # raises the status of the first failed stage.
     model = cls(1, 3, rngs=nnx.Rngs(0), **SMALL, **options)
     x = batch(2)
     graphdef, state = no.make_train_state(model, optax.sgd(0.1))

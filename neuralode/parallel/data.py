@@ -11,7 +11,7 @@ A train step on a mesh of N devices is one program, by JAX's own SPMD machinery:
 
 Unless part 1 holds a host callback (`holds_host_callback`): then it is two programs, with a host
 wait between them. Value checks that raise from a host callback (`equinox.error_if`: `model(x)` of
-a `neuralode.models` classifier, `BacksolveAdjoint`'s backwards solve) cannot be left inside a
+a `neuralode.models` classifier, a solve with `throw=True`) cannot be left inside a
 program with a collective: when one fires on one device, the other devices wait at the collective
 until XLA aborts the process (measured with jax 0.10.2 on host devices: "Termination timeout for
 all reduce ... Expected 4 threads, only 3 arrived", SIGABRT after 40 s), under `shard_map` as under
@@ -20,7 +20,8 @@ a plainly batch-sharded `jit` (which also moves the callback's operands to devic
 2, so such an error is an ordinary Python exception (`jax.errors.JaxRuntimeError` carrying
 equinox's message). The price is a host wait and a second dispatch per step. The models'
 `forward` (what the default loss calls) reports its solver failures as `failed_solves` instead,
-so their steps are one program except with `BacksolveAdjoint`.
+and `BacksolveAdjoint`'s backward pass reports into the step's metrics
+(`neuralode.train_step.metrics_and_gradients`), so their steps are one program.
 
 What the numbers are. With equal shards, the mean of the per-device gradients of per-device mean
 losses is the gradient of the batch mean, so a fixed-step model (ResNet, RK-Net) takes the
@@ -54,7 +55,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as Spec
 
-from neuralode.train_step import LossFn, apply_gradients
+from neuralode.train_step import LossFn, apply_gradients, metrics_and_gradients
 
 DATA = "data"
 
@@ -138,7 +139,7 @@ def _local(graphdef: nnx.GraphDef, loss_fn: LossFn, fold: bool, gradients: bool)
             device = jax.lax.axis_index(DATA)
             nnx.update(model, jax.tree.map(lambda key: jax.random.fold_in(key, device), keys))
         if gradients:
-            (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, *batch)
+            metrics, grads = metrics_and_gradients(loss_fn, model, *batch)
             changed = nnx.state(model, nnx.Not(nnx.Any(nnx.Param, nnx.RngKey)))
             outputs = (grads, changed, metrics)
         else:
