@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 
 from experiments.common import flag, main, save_figure, time_alternating
+from neuralode.adjoints import check_backward_report
 from neuralode.data import load_dataset
 from neuralode.models import ODENet, ResNet
 from neuralode.parallel.data import (data_mesh, data_parallel_train_step, replicate,
@@ -72,10 +73,12 @@ def timed(cfg: Config, calls: dict, desc: str) -> dict:
 
 def step_call(step, state, x, y):
     """A zero-argument call of `step` that blocks on its result, and the result's metrics (after
-    checking that no ODE solve of the model failed: timings of a failed step mean nothing)."""
+    checking that no ODE solve of the model failed, forwards or backwards: timings of a failed step
+    mean nothing)."""
     call = lambda: jax.block_until_ready(step(state, x, y))  # noqa: E731
     metrics = {k: float(v) for k, v in call()[1].items()}
     check_failed_solves(metrics.get("failed_solves", 0), "a step of the benchmark")
+    check_backward_report(metrics, "a step of the benchmark")
     return call, metrics
 
 

@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from neuralode.adjoints import check_backward_report
 from neuralode.data import batches
 from neuralode.fields import LOWEST_OPTIMISATION
 from neuralode.integrate import solve
-from neuralode.train_step import check_failed_solves, logits_and_stats
+from neuralode.train_step import check_failed_solves, logits_and_stats, metrics_and_gradients
 
 MEMORY_FIELDS = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
                  "alias_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes")
@@ -108,7 +109,7 @@ def counted_nfe(model: nnx.Module, loss_fn: Callable, x, y) -> tuple[int, int]:
     metrics = run_once(loss, state, x, y)[1]
     check_failed_solves(float(metrics.get("failed_solves", 0)), "counted_nfe")
     forward, counter.calls = counter.calls, 0
-    jax.block_until_ready(run_once(grad, state, x, y))
+    check_backward_report(jax.device_get(run_once(grad, state, x, y)[0]), "counted_nfe")
     return forward, counter.calls - forward
 
 
@@ -119,9 +120,10 @@ def run_once(fn: Callable, *args):
 
 
 def _loss_and_grad(model: nnx.Module, loss_fn: Callable):
-    """The training-mode `loss_fn` output `(loss, metrics)` and the loss's parameter gradient as
-    pure functions of the model state (`nnx.grad` inside, so the RNODE noise counter may advance
-    in the trace); `model` is left in eval mode."""
+    """The training-mode `loss_fn` output `(loss, metrics)` and the train step's `(metrics,
+    parameter gradient)` (`metrics_and_gradients`: the backward report in the metrics, no host
+    callback of `BacksolveAdjoint`) as pure functions of the model state (the RNODE noise counter
+    may advance in the trace); `model` is left in eval mode."""
     model.train()
     graphdef, state = nnx.split(model)
     model.eval()
@@ -130,7 +132,7 @@ def _loss_and_grad(model: nnx.Module, loss_fn: Callable):
         return loss_fn(nnx.merge(graphdef, state), x, y)
 
     def grad(state, x, y):
-        return nnx.grad(lambda m: loss_fn(m, x, y)[0])(nnx.merge(graphdef, state))
+        return metrics_and_gradients(loss_fn, nnx.merge(graphdef, state), x, y)
 
     return loss, grad, state
 

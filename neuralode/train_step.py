@@ -103,6 +103,9 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
     """The jitted optimiser step `step(state, *batch) -> (state, metrics)` for the graph definition
     of `make_train_state`: the gradient of `loss_fn(model, *batch) -> (loss, metrics)` with respect
     to the parameters, applied by the optimiser. Pure: nothing outside `state` is read or changed.
+    The metrics carry the failures the step reports instead of raising (`failed_solves`, and the
+    backward report of `metrics_and_gradients`): a loop of its own checks them on the host
+    (`check_failed_solves`, `neuralode.adjoints.check_backward_report`), as `train` does.
     `gradient_metrics(grads) -> {name: array}` adds measurements of the gradient the step applies
     (an `nnx.State` like the model's parameters: per-layer norms, say) to the metrics."""
 
