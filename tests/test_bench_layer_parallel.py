@@ -79,5 +79,15 @@ def test_equal_step_costs_without_communication_give_the_issues_model_plus_one_r
     assert 1 / ours == pytest.approx(1 / issue + 1 / p + (k + 1) / (m * p), rel=1e-14)
 
 
+def test_machine_concurrency_is_the_throughput_of_p_devices_and_latency_one_hand_off():
+    steps = bench.MACHINE_STEPS
+    times = {("busy", 1): {"runs_s": [2.0, 2.4, 2.2]}, ("busy", 2): {"runs_s": [2.0, 4.0, 2.0]},
+             ("ring", 2): {"run_s": steps * 3e-5}}
+    measured = bench.machine_measurements(times, [1, 2])
+    assert measured[1] == {"latency_s": 0.0, "concurrency": 1.0}
+    assert measured[2]["concurrency"] == pytest.approx(2.0)  # median of P t_1 / t_P: 2.0, 1.2, 2.2
+    assert measured[2]["latency_s"] == pytest.approx(3e-5)
+
+
 if __name__ == "__main__":
     print(json.dumps(child_probe()))
