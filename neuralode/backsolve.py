@@ -146,10 +146,8 @@ def continuous_adjoint(checks, stepper, dynamics: Dynamics, y0, ts, args, tols):
     layer0 = jax.tree.map(lambda x: x[0], dynamics.stacked)
     # Closed-over tracers of the field become explicit inputs, so gradients reach them too.
     func, consts = jax.closure_convert(dynamics.func, ts[0], y0, args, dynamics.tied, layer0)
-    probe = None
-    if reporting():
-        probe, users = _REPORTING.get()
-        users.append(checks)
+    probe, users = _REPORTING.get() or (None, [])
+    users.append(checks)
     return _backsolve_function(func, stepper, checks)(y0, ts, args, dynamics.tied,
                                                       dynamics.stacked, consts, tols, probe)
 

@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from neuralode.adjoints import check_backward_report
 from neuralode.data import batches
 from neuralode.fields import LOWEST_OPTIMISATION
 from neuralode.integrate import solve
-from neuralode.train_step import check_failed_solves, logits_and_stats, metrics_and_gradients
+from neuralode.train_step import (check_failed_solves, check_step_metrics, logits_and_stats,
+                                  metrics_and_gradients)
 
 MEMORY_FIELDS = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
                  "alias_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes")
@@ -109,7 +109,7 @@ def counted_nfe(model: nnx.Module, loss_fn: Callable, x, y) -> tuple[int, int]:
     metrics = run_once(loss, state, x, y)[1]
     check_failed_solves(float(metrics.get("failed_solves", 0)), "counted_nfe")
     forward, counter.calls = counter.calls, 0
-    check_backward_report(jax.device_get(run_once(grad, state, x, y)[0]), "counted_nfe")
+    check_step_metrics(jax.device_get(run_once(grad, state, x, y)[0]), "counted_nfe")
     return forward, counter.calls - forward
 
 

@@ -47,14 +47,14 @@ from tqdm.auto import tqdm
 
 from neuralode import rundir
 from neuralode.checkpoints import CheckpointStore
-from neuralode.adjoints import check_backward_report
 from neuralode.data import Dataset, batches, num_batches, random_shift, validate_dataset
 from neuralode.parallel.data import data_parallel_eval_step, data_parallel_train_step
 from neuralode.resume import restore, run_identity
 from neuralode.rundir import read_metrics
 from neuralode.train_config import TrainConfig, learning_rate_schedule, make_optimizer
-from neuralode.train_step import (LossFn, check_failed_solves, classification_loss, classification_metrics,
-                                  make_eval_step, make_train_state, make_train_step, param_dtype)
+from neuralode.train_step import (LossFn, check_failed_solves, check_step_metrics, classification_loss,
+                                  classification_metrics, make_eval_step, make_train_state,
+                                  make_train_step, param_dtype)
 
 __all__ = ["TrainConfig", "classification_loss", "classification_metrics", "learning_rate_schedule",
            "make_optimizer", "make_train_state", "make_train_step", "param_dtype", "read_metrics", "train"]
@@ -192,9 +192,7 @@ def train(
                 for x, y in _training_batches(dataset, config, progress.epoch, progress.batch):
                     state, metrics = train_step(state, x.astype(dtype), y)
                     metrics = jax.device_get(metrics)
-                    check_failed_solves(metrics.get("failed_solves", 0), f"step {progress.step + 1}",
-                                        _UNSAVED)
-                    check_backward_report(metrics, f"step {progress.step + 1}", _UNSAVED)
+                    check_step_metrics(metrics, f"step {progress.step + 1}", _UNSAVED)
                     progress.add(metrics, len(y))
                     bar.update()
                     bar.set_postfix({k: f"{v:.4f}" for k, v in progress.means().items()

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from neuralode.adjoints import check_backward_report
 from neuralode.backsolve import REPORT_FIELDS, reporting_backward
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -72,6 +73,14 @@ def logits_and_stats(model: nnx.Module, x: jax.Array) -> tuple[jax.Array, dict[s
     return model.forward(x) if hasattr(model, "forward") else (model(x), {})
 
 
+def check_step_metrics(metrics: dict[str, Any], where: str, advice: str = "") -> None:
+    """Raise (or warn) on the host for what a step's program reports instead of raising itself:
+    its `failed_solves` (`check_failed_solves`) and `BacksolveAdjoint`'s backward report
+    (`neuralode.adjoints.check_backward_report`). `metrics` holds host values."""
+    check_failed_solves(metrics.get("failed_solves", 0), where, advice)
+    check_backward_report(metrics, where, advice)
+
+
 def check_failed_solves(failed, where: str, advice: str = "") -> None:
     """Raise RuntimeError if `failed` (a host value: the `failed_solves` a classifier of
     `neuralode.models` reports instead of raising inside the compiled program) is above 0."""
@@ -105,7 +114,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
     to the parameters, applied by the optimiser. Pure: nothing outside `state` is read or changed.
     The metrics carry the failures the step reports instead of raising (`failed_solves`, and the
     backward report of `metrics_and_gradients`): a loop of its own checks them on the host
-    (`check_failed_solves`, `neuralode.adjoints.check_backward_report`), as `train` does.
+    with `check_step_metrics`, as `train` does.
     `gradient_metrics(grads) -> {name: array}` adds measurements of the gradient the step applies
     (an `nnx.State` like the model's parameters: per-layer norms, say) to the metrics."""
 
@@ -126,7 +135,7 @@ def metrics_and_gradients(loss_fn: LossFn, model: nnx.Module, *batch: Any
     respect to the model's parameters. Where the loss solves with `BacksolveAdjoint`, its backward
     passes report into the metrics (`neuralode.backsolve.REPORT_FIELDS`: failed backwards solves,
     reconstruction mismatches), so that the program holds no host callback of theirs; check them
-    with `neuralode.adjoints.check_backward_report` (`train` does, after every step)."""
+    with `check_step_metrics` (`train` does, after every step)."""
     reporters = []
 
     def loss(model, probe):
