@@ -73,7 +73,11 @@ def test_the_report_holds_what_the_callbacks_would_say_and_the_gradient_is_the_s
     warned = [w.message.mismatch for w in caught if w.category is no.ReconstructionWarning]
     assert len(warned) == 1 and 0.1 < warned[0] < 1
     np.testing.assert_allclose(float(metrics["reconstruction_mismatch"]), warned[0], rtol=1e-12)
-    np.testing.assert_allclose(grads["y0"][...], plain, rtol=1e-12)
+    # Two programs, so rounding may differ (XLA fuses them apart). The backwards solve amplifies
+    # a perturbation of each step as it amplifies RK4's local error (~h^5 = 1e-5 per step) into
+    # the mismatch; rounding (eps per step) grows at most into eps / h^5 times the mismatch.
+    np.testing.assert_allclose(grads["y0"][...], plain,
+                               rtol=warned[0] * np.finfo(np.float64).eps / 0.1**5)
 
 
 def test_a_failed_backwards_solve_is_reported_and_its_gradient_is_nan():

@@ -22,7 +22,7 @@ from neuralode.train_step import classification_loss
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_parallel_script.py")
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu",
-       "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
+       "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_llvm_disable_expensive_passes=true"}
 STEP, STEPS = 1e-12, 1e-10  # relative agreement after one step and after 20
 
 
