@@ -243,8 +243,11 @@ def batches(
     rng: np.random.Generator | None = None,
     *,
     start: int = 0,
+    fill: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield `(x, y)` minibatches covering every example once; the last one may be smaller.
+    """Yield `(x, y)` minibatches covering every example once; the last one may be smaller, or
+    with `fill` it is completed by the first examples of the same order (a compiled step sees one
+    batch shape, so it is compiled once).
 
     With `rng` the order is a permutation drawn from it (deterministic for a seeded Generator),
     without it the data come in order. `start` skips the first `start` batches of that same
@@ -255,7 +258,9 @@ def batches(
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, found {batch_size!r}")
     order = np.arange(len(x)) if rng is None else rng.permutation(len(x))
-    for begin in range(start * batch_size, len(x), batch_size):
+    if fill:
+        order = np.resize(order, num_batches(len(x), batch_size) * batch_size)  # repeats cyclically
+    for begin in range(start * batch_size, len(order), batch_size):
         index = order[begin : begin + batch_size]
         yield x[index], y[index]
 

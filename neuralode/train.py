@@ -10,6 +10,9 @@ variable: batch statistics, RNG streams), the optimiser state, the progress (ste
 within the epoch, the epoch's running metric sums) and the settings that identify the run
 (`neuralode.resume`, which refuses to resume a checkpoint under other settings).
 
+Every training batch holds `config.batch_size` examples: an epoch's last batch is completed by the
+first examples of the epoch's order, so the train step is compiled for one batch shape (a smaller
+last batch would compile it a second time: ~9 s for the quick ODE-Net of `experiments.classify`).
 The data order of epoch `e` is drawn from `np.random.default_rng([config.seed, e])`, so a run
 resumed in the middle of an epoch regenerates that epoch's order and skips the batches already
 seen: `train(..., resume=True)` after an interruption at any moment (SIGKILL included) ends with the
@@ -262,7 +265,7 @@ def _training_batches(dataset: Dataset, config: TrainConfig, epoch: int, start: 
     """The batches of `epoch` from batch `start` on, shifted if `config.augment_shift`."""
     order = np.random.default_rng([config.seed, epoch])
     for index, (x, y) in enumerate(batches(dataset.x_train, dataset.y_train, config.batch_size, order,
-                                           start=start), start):
+                                           start=start, fill=True), start):
         if config.augment_shift:
             shifts = np.random.SeedSequence([config.seed, epoch], spawn_key=(index,))
             x = random_shift(x, config.augment_shift, np.random.default_rng(shifts))

@@ -97,6 +97,11 @@ def test_batches_cover_every_example_once_and_are_deterministic():
     np.testing.assert_array_equal(resumed[0][1], first[2][1])
     in_order = np.concatenate([yb for _, yb in data.batches(x, y, 3)])
     np.testing.assert_array_equal(in_order, y)
+    # filled: the last batch completed by the first examples of the same order (one batch shape)
+    filled = list(data.batches(x, y, 4, np.random.default_rng(3), fill=True))
+    assert [len(b) for b, _ in filled] == [4, 4, 4]
+    np.testing.assert_array_equal(np.concatenate([yb for _, yb in filled]), np.r_[order, order[:2]])
+    np.testing.assert_array_equal(list(data.batches(x, y, 4, fill=True, start=2))[0][1], [8, 9, 0, 1])
     with pytest.raises(ValueError, match="batch_size"):
         next(data.batches(x, y, 0))
     with pytest.raises(ValueError, match="10 inputs but 9 labels"):

@@ -329,8 +329,8 @@ def test_sigint_saves_the_current_step_then_raises_keyboard_interrupt(reference,
     ref_workdir, ref_params, _, _ = reference
     yielded = []
 
-    def batches_interrupted_at_step_13(x, y, batch_size, rng=None, *, start=0):
-        for batch in datasets.batches(x, y, batch_size, rng, start=start):
+    def batches_interrupted_at_step_13(x, y, batch_size, rng=None, *, start=0, fill=False):
+        for batch in datasets.batches(x, y, batch_size, rng, start=start, fill=fill):
             if rng is not None:  # training, not evaluation
                 yielded.append(1)
                 if len(yielded) == 13:
@@ -443,15 +443,19 @@ def test_default_loss_trains_the_regulariser_of_models_with_forward(tmp_path):
 
 
 def test_regression_targets_with_a_custom_loss(tmp_path):
-    """Float targets of shape (N, 2) and an MSE loss: no class labels are assumed."""
+    """Float targets of shape (N, 2) and an MSE loss: no class labels are assumed. Every training
+    batch is full, so the step is compiled once."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(96, 3))
     y = np.tanh(x @ rng.normal(size=(3, 2))) + 0.5
-    data = Dataset(x[:64], y[:64], x[64:], y[64:], 0, "regression")
+    data = Dataset(x[:60], y[:60], x[60:], y[60:], 0, "regression")
     model = nnx.Sequential(nnx.Linear(3, 32, param_dtype=jnp.float64, rngs=nnx.Rngs(0)), jnp.tanh,
                            nnx.Linear(32, 2, param_dtype=jnp.float64, rngs=nnx.Rngs(1)))
 
+    traced_batch_sizes = set()
+
     def mse(model, x, y):
+        traced_batch_sizes.add(x.shape[0])
         loss = jnp.mean((model(x) - y) ** 2)
         return loss, {"loss": loss}
 
@@ -460,8 +464,11 @@ def test_regression_targets_with_a_custom_loss(tmp_path):
     result = train(model, data, config, tmp_path / "mse", loss_fn=mse)
     records = read_metrics(tmp_path / "mse")
     assert records[-1]["train_loss"] < 0.02 * records[0]["train_loss"]
-    assert result["test_loss"] < 0.1 * float(np.var(y[64:], axis=0).mean())  # R^2 > 0.9 on held-out data
-    with pytest.raises(ValueError, match=r"y_train of shape \(64, 2\) and dtype float64: the default classification "
+    assert result["test_loss"] < 0.1 * float(np.var(y[60:], axis=0).mean())  # R^2 > 0.9 on held-out data
+    # 60 examples in batches of 16: the last batch is filled, so the step is traced for 16 only
+    # (36 is the test split, evaluated in one batch)
+    assert traced_batch_sizes == {16, 36}
+    with pytest.raises(ValueError, match=r"y_train of shape \(60, 2\) and dtype float64: the default classification "
                                          r"loss needs one integer label per example.*pass a loss_fn"):
         train(model, data, config, tmp_path / "default")
 
