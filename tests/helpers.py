@@ -1,4 +1,7 @@
-"""Test problems with known solutions, and the slope fit used to measure convergence orders."""
+"""Test problems with known solutions, the slope fit used to measure convergence orders, and the XLA
+flags of a long subprocess."""
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
@@ -35,3 +38,10 @@ def convergence_order(step_counts, errors) -> float:
     """Least-squares slope of log(error) against log(h), h = 1 / steps."""
     h = 1.0 / np.asarray(step_counts, dtype=float)
     return float(np.polyfit(np.log(h), np.log(np.asarray(errors, dtype=float)), 1)[0])
+
+
+def xla_flags_for_long_runs() -> str:
+    """conftest's XLA_FLAGS without optimisation level 0, for a subprocess whose runtime outweighs
+    its compilation (quick training, init_variance's many forward passes). The fusion-emitter flag
+    stays: it saves compilation and its code runs as fast."""
+    return os.environ["XLA_FLAGS"].replace("--xla_backend_optimization_level=0", "").strip()

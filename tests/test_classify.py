@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import xla_flags_for_long_runs
 
 from neuralode.rundir import METRICS_FILE, checkpoints_dir
 
@@ -16,13 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def classify(*args, out):
     # Training runs long enough that XLA's optimised CPU code pays for its compilation: without
-    # conftest's optimisation level 0 the ODE-Net run takes 113 s of CPU instead of 155. Its
-    # fusion-emitter flag stays (it saves compilation and the code runs as fast).
+    # conftest's optimisation level 0 the ODE-Net run takes 113 s of CPU instead of 155.
     # Its own compilation cache: the user's (~/.cache/neuralode/jax) is neither read nor filled.
-    flags = os.environ["XLA_FLAGS"].replace("--xla_backend_optimization_level=0", "")
     return subprocess.run([sys.executable, "-m", "experiments.classify", "--quick", "--out",
                            str(out), *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags.strip(),
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags_for_long_runs(),
                                "JAX_COMPILATION_CACHE_DIR": str(out / "jax-cache")}, timeout=600)
 
 
