@@ -126,7 +126,7 @@ class DeepResNet(nnx.Module):
             sol = layer_parallel_solve(self.stack, y, 0.0, self.horizon, solver=neuralode.Euler(),
                                        mgrit=self.mgrit, mesh=self.mesh)
             k = sol.stats["iterations"]
-            y = sol.ys[-1]
+            y = sol.y1
             stats = {"mgrit_residual": sol.stats["residuals"][k],
                      "mgrit_fallback": sol.stats["fallback"]}
         return self.head(jnp.mean(jax.nn.relu(y), axis=1)), stats

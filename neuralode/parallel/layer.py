@@ -71,14 +71,21 @@ def shard_layers(module: nnx.Module, mesh: Mesh) -> None:
 
 
 class LayerParallelSolution(NamedTuple):
-    """`ys`: the state at every layer, leading axis N + 1 (ys[0] = y0, ys[-1] the output).
+    """`states`: u_0 .. u_{N-1}, the state entering every layer (leading axis N, sharded by depth
+    where the solve left them); `y1`: the output u_N. `ys` joins them (leading axis N + 1, ys[0] =
+    y0); take `y1` for the output alone: joining reshards every state between the devices.
     `stats` (forward solve): `iterations` done; `residuals` (K + 1,), the residual norm of the
     initial coarse guess and after each iteration (nan after the last); `rho` (K,), their ratios;
     `diverged` (a residual grew); `unconverged` (tol given and missed); `fallback` (the serial
     solve replaced the result)."""
 
-    ys: object
+    states: object
+    y1: object
     stats: dict
+
+    @property
+    def ys(self):
+        return jax.tree.map(lambda s, y: jnp.concatenate([s, y[None]]), self.states, self.y1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,24 +205,19 @@ def _zero_cotangents(tree):
                         else np.zeros(x.shape, jax.dtypes.float0), tree)
 
 
-def _solve_impl(problem, layers, y0, t0, t1):
-    states, last, stats = _forward(problem, layers, y0, t0, t1)
-    return jnp.concatenate([states, last[None]]), stats
-
-
-_solve = jax.custom_vjp(_solve_impl, nondiff_argnums=(0,))
+_solve = jax.custom_vjp(_forward, nondiff_argnums=(0,))
 
 
 def _solve_fwd(problem, layers, y0, t0, t1):
-    ys, stats = _solve_impl(problem, layers, y0, t0, t1)
-    return (ys, stats), (layers, ys, t0, t1)
+    states, last, stats = _forward(problem, layers, y0, t0, t1)
+    return (states, last, stats), (layers, states, t0, t1)
 
 
 def _solve_bwd(problem, saved, cotangents):
-    layers, ys, t0, t1 = saved
-    ys_cotangent, _ = cotangents
-    grads, y0_grad, _ = _backward(problem, layers, ys[:-1], t0, t1, ys_cotangent[:-1],
-                                  ys_cotangent[-1])
+    layers, states, t0, t1 = saved
+    states_cotangent, last_cotangent, _ = cotangents
+    grads, y0_grad, _ = _backward(problem, layers, states, t0, t1, states_cotangent,
+                                  last_cotangent)
     return (grads, _zero_cotangents(layers[1])), y0_grad, jnp.zeros_like(t0), jnp.zeros_like(t1)
 
 
@@ -276,8 +278,8 @@ def layer_parallel_solve(field: DepthStack, y0, t0, t1, *, solver: Euler, mgrit:
     Call it under `jax.jit`.
     """
     problem, layers, flat_y0, t0, t1 = _setup(field, y0, t0, t1, solver, mgrit, mesh)
-    ys, stats = _solve(problem, layers, flat_y0, t0, t1)
-    return LayerParallelSolution(jax.vmap(problem.unravel)(ys), stats)
+    states, last, stats = _solve(problem, layers, flat_y0, t0, t1)
+    return LayerParallelSolution(jax.vmap(problem.unravel)(states), problem.unravel(last), stats)
 
 
 def layer_parallel_vjp(field: DepthStack, y0, t0, t1, cotangent, *, solver: Euler,
@@ -288,12 +290,11 @@ def layer_parallel_vjp(field: DepthStack, y0, t0, t1, cotangent, *, solver: Eule
     `backward_stats` has the keys of `LayerParallelSolution.stats` for the adjoint solve."""
     problem, layers, flat_y0, t0, t1 = _setup(field, y0, t0, t1, solver, mgrit, mesh)
     states, last, stats = _forward(problem, layers, flat_y0, t0, t1)
-    ys = jnp.concatenate([states, last[None]])
     flat_cotangent = ravel_pytree(cotangent)[0]
     if flat_cotangent.shape != flat_y0.shape:
         raise ValueError(f"cotangent must have the structure and shapes of y0, got "
                          f"{jax.tree.map(jnp.shape, cotangent)}")
     grads, y0_grad, backward_stats = _backward(problem, layers, states, t0, t1,
                                                jnp.zeros_like(states), flat_cotangent)
-    solution = LayerParallelSolution(jax.vmap(problem.unravel)(ys), stats)
+    solution = LayerParallelSolution(jax.vmap(problem.unravel)(states), problem.unravel(last), stats)
     return solution, (grads, problem.unravel(y0_grad)), backward_stats
