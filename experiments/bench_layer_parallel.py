@@ -18,32 +18,24 @@ Checks: N/m iterations (forward and adjoint) make MGRIT exact, so `forward_error
 parameter gradients) are at rounding; where N/m > `probe_iterations` the probe gives the residual
 per iteration only (the figure).
 
-The work model, derived from `neuralode.parallel.mgrit.solve`: K corrections are K + 1 rounds
-(the first coarse sweep is the initial guess) of a serial coarse sweep, N/m coarse steps
-(pipelined: each device steps its N/(mP) intervals once the one before has sent its last value),
-then on every device at once the F-relaxation, N/P fine steps, and the coarse steps of the FAS
-correction, N/(mP); and P + 3 collectives (P pipeline hand-offs, one hand-off of interval starts,
-two norms). The parallel part runs on the devices' concurrency C_P (P with a core per device):
+The work model (`experiments._mgrit_model`, where it is derived): MGRIT's wall time on P devices
+from its two phases, each timed alone on the P devices in alternation with the runs (to see the
+same load), none of it a layer-parallel solve: S_P, the pipelined coarse sweep (N/m Euler steps
+of size m h passed along the devices), R_P, the F-relaxation (every device stepping its N/(mP)
+intervals through their m layers at once), and lam_P, one hand-off,
 
-    T_mgrit(P) = (K + 1) [ (N/m) c_s + (N/P)(1 + 1/m) c_r P / C_P + (P + 3) lam_P [P > 1] ]
+    T_mgrit(P) = (K + 1) [ S_P + (1 + 1/m) R_P + 3 lam_P [P > 1] ],
 
-Calibration, per depth, none of it from a multi-device MGRIT run: c_s = serial forward time / N (a
-coarse step is one Euler step of the same field, stepped one after the other as in the serial
-network); c_r, a step of the relaxation (the device's intervals stepped at once, `vmap`), from the
-one-device layer-parallel run (so P = 1 calibrates, P > 1 is predicted); and two measurements of
-the machine, timed in alternation with the runs to see the same load: lam_P, one `ppermute` of a
-C-point around the P devices, and C_P = P t_1 / t_P, t_P the time of P devices each stepping
-u <- tanh(u W) on a batch x width state (min(P, cores) on an idle machine; under other work P
-threads take a larger share of the cores than one, and the load varies between samples). The
-adjoint is the same with c_s + c_b (c_b = (serial forward+backward - serial forward) / N, a
-backprop step; the adjoint's vjp re-evaluates the step it differentiates) and its own c_r from the
-one-device forward+backward run, K_b for K. Predicted speed-up = serial time / T.
-`prediction_error` = max |predicted / measured speed-up - 1| over the measured depths, device
-counts P > 1 and both passes. `predicted_speedup` extrapolates to P = 8 ... 1024 devices at depth
-`predict_depth` with C_P = P, the costs of the largest measured depth and lam of the most devices
+the adjoint's from the same phases by vector-Jacobian products and K_b. Predicted speed-up =
+serial time / T. `prediction_error` = max |predicted / measured speed-up - 1| over the measured
+depths, device counts (P = 1 included: nothing is calibrated on a layer-parallel run) and both
+passes. `predicted_speedup` extrapolates to P = 8 ... 1024 devices with a core each at depth
+`predict_depth`: S_P = N/m serial steps (c_s, and c_s + c_b for the adjoint, from the serial
+network of the largest measured depth) plus P hand-offs, R_P = N/P steps at the per-step cost of
+the one-device relaxation with the nearest number of intervals per device, lam of the most devices
 measured that had a core each; beside it `work_model_speedup` is the idealised S(P, m, K) =
-N / (N/m + K (N/P + N/m)) (Guenther et al. 2020: equal step costs, no communication). Run times exclude
-compilation (reported apart), block on results, and are medians of interleaved repeats.
+N / (N/m + K (N/P + N/m)) (Guenther et al. 2020: equal step costs, no communication). Run times
+exclude compilation (reported apart), block on results, and are medians of interleaved repeats.
 """
 from __future__ import annotations
 
@@ -54,14 +46,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as Spec
 from tqdm.auto import tqdm
 
 import neuralode
-from experiments.common import (blocking_calls, compile_all, flag, main, save_figure,
-                                time_alternating)
+from experiments._mgrit_model import (extrapolated_speedup, machine_measurements,
+                                     phase_calls, predicted_seconds, ring_calls, step_costs,
+                                     work_model_speedup)
+from experiments.common import blocking_calls, compile_all, flag, main, save_figure, time_alternating
 from neuralode.parallel import (MGRIT, depth_mesh, host_devices, layer_parallel_solve,
                                 layer_parallel_vjp, shard_layers)
 
@@ -90,53 +83,6 @@ class Config:
 
 QUICK = {"depths": (64, 256), "repeats": 3, "probe_max_depth": 64}
 PASSES = ("forward", "forward_backward")
-MACHINE_STEPS = 1024  # steps of each machine measurement
-
-
-# ---------------------------------------------------------------------------------------------
-# The work model.
-
-def work_model_speedup(devices: float, coarsening: float, iterations: float) -> float:
-    """S(P, m, K) = N / (N/m + K (N/P + N/m)): F-relaxation, equal step costs, no communication."""
-    return 1.0 / (1.0 / coarsening + iterations * (1.0 / devices + 1.0 / coarsening))
-
-
-def mgrit_seconds(depth: int, devices: int, coarsening: int, iterations: int, sweep_step_s: float,
-                  relax_step_s: float, concurrency: float, latency_s: float = 0.0) -> float:
-    """T_mgrit(P) of the docstring: the predicted wall time of one MGRIT solve."""
-    m, p = coarsening, devices
-    parallel = (depth / p) * (1 + 1 / m) * relax_step_s * p / concurrency
-    collectives = (p + 3) * latency_s if p > 1 else 0.0
-    return (iterations + 1) * ((depth / m) * sweep_step_s + parallel + collectives)
-
-
-def relax_step_seconds(one_device_s: float, depth: int, coarsening: int, iterations: int,
-                       sweep_step_s: float) -> float:
-    """c_r such that `mgrit_seconds` on one device is `one_device_s`."""
-    m = coarsening
-    return (one_device_s / (iterations + 1) - (depth / m) * sweep_step_s) / (depth * (1 + 1 / m))
-
-
-def calibrate(cfg: Config, depth: int, serial_s: dict, one_device_s: dict) -> dict:
-    """Per-step costs (seconds) from the serial network and the one-device layer-parallel run."""
-    step = serial_s["forward"] / depth
-    adjoint = step + (serial_s["forward_backward"] - serial_s["forward"]) / depth
-    return {"sweep": step, "adjoint_sweep": adjoint,
-            "relax": relax_step_seconds(one_device_s["forward"], depth, cfg.coarsening,
-                                        cfg.iterations, step),
-            "adjoint_relax": relax_step_seconds(
-                one_device_s["forward_backward"] - one_device_s["forward"], depth,
-                cfg.coarsening, cfg.backward_iterations, adjoint)}
-
-
-def predicted_seconds(cfg: Config, depth: int, devices: int, costs: dict, concurrency: float,
-                      latency_s: float) -> dict:
-    """Predicted layer-parallel forward and forward+backward seconds for `calibrate`'s costs."""
-    forward = mgrit_seconds(depth, devices, cfg.coarsening, cfg.iterations, costs["sweep"],
-                            costs["relax"], concurrency, latency_s)
-    adjoint = mgrit_seconds(depth, devices, cfg.coarsening, cfg.backward_iterations,
-                            costs["adjoint_sweep"], costs["adjoint_relax"], concurrency, latency_s)
-    return {"forward": forward, "forward_backward": forward + adjoint}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +113,7 @@ def pass_fns(cfg: Config, graphdef, mgrit: MGRIT | None = None, mesh=None) -> di
             return ys[-1], jnp.zeros((), jnp.int32)
         sol = layer_parallel_solve(field, y0, 0.0, cfg.horizon, solver=neuralode.Euler(),
                                    mgrit=mgrit, mesh=mesh)
-        return sol.ys[-1], sol.stats["iterations"]
+        return sol.y1, sol.stats["iterations"]
 
     def loss(params, y0, w):
         return jnp.sum(w * forward(params, y0, w)[0])
@@ -183,36 +129,6 @@ def placed(field, y0, w, mesh=None):
     shard_layers(field, mesh)
     replicated = NamedSharding(mesh, Spec())
     return field, jax.device_put(y0, replicated), jax.device_put(w, replicated)
-
-
-def machine_calls(cfg: Config, counts: list[int], steps: int = MACHINE_STEPS) -> dict:
-    """Compiled blocking calls that measure the machine, by ("ring", P): `steps` ppermutes of a
-    C-point (batch x width) around P devices, and ("busy", P): P devices each doing `steps` steps
-    u <- tanh(u W) of a batch x width state at once."""
-    weight = jnp.eye(cfg.width) / 2 + 1 / cfg.width
-    fns, args = {}, {}
-    for p in counts:
-        mesh, spec = depth_mesh(p), Spec("depth")
-        perm = [(i, (i + 1) % p) for i in range(p)]
-        kernels = {"busy": lambda u: jnp.tanh(u @ weight)}
-        if p > 1:
-            kernels["ring"] = lambda u, perm=perm: lax.ppermute(u, "depth", perm)
-        x = jax.device_put(jnp.ones((p * cfg.batch, cfg.width)), NamedSharding(mesh, spec))
-        for name, kernel in kernels.items():
-            def loop(u, kernel=kernel):
-                return lax.fori_loop(0, steps, lambda _, u: kernel(u), u)
-            fns[name, p] = jax.jit(jax.shard_map(loop, mesh=mesh, in_specs=spec, out_specs=spec))
-            args[name, p] = (x,)
-    return blocking_calls(compile_all(fns, args)[0], args)
-
-
-def machine_measurements(times: dict, counts: list[int], steps: int = MACHINE_STEPS) -> dict:
-    """{P: latency_s (lam_P), concurrency (C_P)} from `machine_calls`' timings; C_P is the median
-    over the rounds of P t_1 / t_P, each from one round's samples, taken one after the other."""
-    one = np.asarray(times["busy", 1]["runs_s"])
-    return {p: {"latency_s": times["ring", p]["run_s"] / steps if p > 1 else 0.0,
-                "concurrency": float(np.median(p * one / np.asarray(times["busy", p]["runs_s"])))}
-            for p in counts}
 
 
 def _max_error(a, b) -> float:
@@ -252,9 +168,10 @@ def probe(cfg: Config, field, y0, w, devices: int) -> dict:
             "exact": iterations * cfg.coarsening == depth, **errors, **stats}
 
 
-def measure_depth(cfg: Config, depth: int, counts: list[int], machine: dict) -> dict:
-    """Time serial and layer-parallel passes at one depth, in alternation with the `machine`
-    calls; errors after K (K_b) iterations; per-step costs; predicted times."""
+def measure_depth(cfg: Config, depth: int, counts: list[int], ring: dict) -> dict:
+    """Time serial and layer-parallel passes at one depth, in alternation with the work model's
+    measurements (the `ring` calls, the relaxations); errors after K (K_b) iterations; predicted
+    times."""
     field, (y0, w) = make_field(cfg, depth), inputs(cfg)
     graphdef = nnx.graphdef(field)
     mgrit = MGRIT(coarsening=cfg.coarsening, iterations=cfg.iterations,
@@ -267,19 +184,21 @@ def measure_depth(cfg: Config, depth: int, counts: list[int], machine: dict) -> 
             fns[p, name], args[p, name] = fn, (nnx.state(field_p), y0_p, w_p)
     compiled, compile_s = compile_all(fns, args)
     outputs = {key: compiled[key](*args[key]) for key in fns}
-    times = time_alternating({**blocking_calls(compiled, args), **machine}, cfg.repeats,
-                             desc=f"N = {depth}")
+    rounds = cfg.iterations + 1
+    phases = phase_calls(cfg, field, counts, rounds)
+    times = time_alternating({**blocking_calls(compiled, args), **ring, **phases},
+                             cfg.repeats, desc=f"N = {depth}")
     seconds = {p: {n: times[p, n]["run_s"] for n in PASSES} for p in ["serial", *counts]}
-    costs = calibrate(cfg, depth, seconds["serial"], seconds[1])
-    measured = machine_measurements(times, counts)
-    consistent = min(costs.values()) > 0  # else other work slowed the serial runs more
+    costs = step_costs(depth, seconds["serial"])
+    measured = machine_measurements(times, counts, rounds)
+    consistent = costs["adjoint_sweep"] > costs["sweep"]  # else other work slowed the forward
     if not consistent:
-        print(f"N = {depth}: a per-step cost <= 0 ({costs}): timings disturbed by other work")
+        print(f"N = {depth}: backprop step cost <= 0 ({costs}): timings disturbed by other work")
     row = {"depth": depth, "serial_s": seconds["serial"], "step_costs_s": costs,
            "consistent": consistent, "machine": measured, "parallel": {},
            "serial_compile_s": {n: compile_s["serial", n] for n in PASSES}}
     for p in counts:
-        predicted = predicted_seconds(cfg, depth, p, costs, **measured[p])
+        predicted = predicted_seconds(cfg, p, measured[p])
         speedup = {n: seconds["serial"][n] / seconds[p][n] for n in PASSES}
         predicted_speedup = {n: seconds["serial"][n] / predicted[n] for n in PASSES}
         row["parallel"][p] = {
@@ -299,7 +218,8 @@ def measure_depth(cfg: Config, depth: int, counts: list[int], machine: dict) -> 
 def run(cfg: Config) -> dict:
     jax.config.update("jax_enable_x64", True)
     if 1 not in cfg.devices:
-        raise ValueError(f"--devices must include 1 (it calibrates the model), got {cfg.devices}")
+        raise ValueError(f"--devices must include 1 (its relaxation gives the extrapolation's "
+                         f"costs), got {cfg.devices}")
     bad = [(d, p) for d in cfg.depths for p in cfg.devices if d % (cfg.coarsening * p)]
     if bad:
         raise ValueError(f"--depths: N = {bad[0][0]} is not divisible by coarsening m = "
@@ -312,21 +232,20 @@ def run(cfg: Config) -> dict:
     counts = sorted(p for p in set(cfg.devices) if p <= available)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     platform = jax.default_backend()
-    load, machine = os.getloadavg(), machine_calls(cfg, counts)  # other work slows runs unevenly
+    load, ring = os.getloadavg(), ring_calls(cfg, counts)  # other work slows runs unevenly
     print(f"{platform}: {available} devices, {cores} cores, load {load[0]:.1f}; P = {counts}")
-    rows = [measure_depth(cfg, depth, counts, machine)
+    rows = [measure_depth(cfg, depth, counts, ring)
             for depth in tqdm(cfg.depths, desc="depths")]
 
     ratios = {f"N={row['depth']} P={p} {n}": entry["prediction_ratio"][n] for row in rows
-              for p, entry in row["parallel"].items() if p > 1 for n in PASSES}
+              for p, entry in row["parallel"].items() for n in PASSES}
     prediction_error = max((abs(r - 1) for r in ratios.values()), default=None)
     exact, largest = [row["probe"] for row in rows if row.get("probe", {}).get("exact")], rows[-1]
     # P devices with a core each: lam of the most devices measured that had a core each.
-    costs, n = largest["step_costs_s"], cfg.predict_depth
     latency = largest["machine"][max(p for p in counts if p <= cores)]["latency_s"]
-    serial = {"forward": n * costs["sweep"], "forward_backward": n * costs["adjoint_sweep"]}
-    predicted = {p: {name: serial[name] / t for name, t in predicted_seconds(
-        cfg, n, p, costs, p, latency).items()} for p in cfg.predict_devices}
+    predicted = extrapolated_speedup(cfg, cfg.predict_depth, cfg.predict_devices,
+                                     largest["step_costs_s"],
+                                     {row["depth"]: row["machine"][1] for row in rows}, latency)
     work = (cfg.iterations + 1) * (1 + 2 / cfg.coarsening)
     note = (f"{platform} devices" if platform != "cpu" else
             f"{available} host CPU devices in one process sharing {cores} cores: the relaxation of "

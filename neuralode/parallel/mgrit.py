@@ -116,7 +116,7 @@ def _varying_zeros(ring: Ring, shapes):
                         shapes)
 
 
-def _sweep(ring: Ring, step: Callable, tau, u0):
+def sweep(ring: Ring, step: Callable, tau, u0):
     """V_{i+1} = end_i + tau_i with (end_i, extras_i) = step(i, V_i), over every interval in order
     from V_0 = u0: the serial part. Returns the V_{i+1} and the extras of this device's intervals.
     Pipelined: in round r the device at position r steps its intervals from the value the one
@@ -159,7 +159,7 @@ def solve(ring: Ring, fine: Callable, coarse: Callable, u0, intervals: int, sett
         # Coarse solve with the FAS correction tau (zero at first: the initial guess), then
         # F-relaxation; its residual decides whether to go on; then the next correction.
         tau, _, _, k, residuals, _, diverged = carry
-        ends = _sweep(ring, lambda i, v: (coarse(i, v), ()), tau, u0)[0]
+        ends = sweep(ring, lambda i, v: (coarse(i, v), ()), tau, u0)[0]
         starts, relaxed, extras = relax(ends)
         residuals = residuals.at[k].set(_norm(ring, relaxed - ends))
         noise = 64 * eps * _norm(ring, ends)  # rounding, relative to the size of the solution
@@ -185,7 +185,7 @@ def solve(ring: Ring, fine: Callable, coarse: Callable, u0, intervals: int, sett
     fallback = false
     if settings.fallback:
         fallback = diverged | unconverged
-        ends, extras = lax.cond(fallback, lambda: _sweep(ring, fine, zeros, u0),
+        ends, extras = lax.cond(fallback, lambda: sweep(ring, fine, zeros, u0),
                                 lambda: (ends, extras))
     stats = {"iterations": k, "residuals": residuals,
              "rho": residuals[1:] / residuals[:-1], "diverged": diverged,
