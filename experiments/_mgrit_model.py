@@ -125,7 +125,9 @@ def phase_calls(cfg, field: nnx.Module, counts: list[int], rounds: int) -> dict:
             kept = jax.eval_shape(lambda: jax.vmap(interval)(jnp.arange(n), u)[1])
             return lax.fori_loop(0, rounds, one_round, (u, varying(kept)))  # all it keeps
         ring = Ring("depth", devices, reverse=adjoint)
-        coarse = lambda i, v: (propagate(n - 1 - i if adjoint else i, v, 0, m * h)[0], ())  # noqa: E731
+
+        def coarse(i, v):  # one step of size m h with the interval's first layer
+            return propagate(n - 1 - i if adjoint else i, v, 0, m * h)[0], ()
         return lax.fori_loop(0, rounds, lambda _, v: sweep(ring, coarse, varying(u), v[0])[0],
                              varying(u))
 
@@ -138,7 +140,7 @@ def phase_calls(cfg, field: nnx.Module, counts: list[int], rounds: int) -> dict:
         for phase in PHASES:
             fns[phase, p] = jax.jit(jax.shard_map(
                 lambda layers, u, phase=phase, p=p: on_device(layers, u, phase, p),
-                mesh=mesh, in_specs=spec, out_specs=spec))  # noqa: B023
+                mesh=mesh, in_specs=spec, out_specs=spec))
             args[phase, p] = placed
     return blocking_calls(compile_all(fns, args)[0], args)
 

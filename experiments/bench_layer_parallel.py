@@ -54,7 +54,8 @@ import neuralode
 from experiments._mgrit_model import (extrapolated_speedup, machine_measurements,
                                      phase_calls, predicted_seconds, ring_calls, step_costs,
                                      work_model_speedup)
-from experiments.common import blocking_calls, compile_all, flag, main, save_figure, time_alternating
+from experiments.common import (blocking_calls, compile_all, flag, main, save_figure,
+                                time_alternating)
 from neuralode.parallel import (MGRIT, depth_mesh, host_devices, layer_parallel_solve,
                                 layer_parallel_vjp, shard_layers)
 

@@ -271,11 +271,11 @@ def layer_parallel_solve(field: DepthStack, y0, t0, t1, *, solver: Euler, mgrit:
     """The N = field.depth Euler steps of a `DepthStack` from y0 at t0 to t1 (h = (t1 - t0) / N),
     solved by MGRIT with the depth sharded over the mesh axis `depth`.
 
-    The same numbers as `odeint(field, y0, [t0, t1], solver=Euler(), substeps=N)` once MGRIT has
-    converged (N / m iterations at most); fewer iterations give an approximation whose residual is
-    in the statistics. `jax.grad` through it solves the adjoint by MGRIT too (`mgrit.backward_*`).
-    N must be divisible by `mgrit.coarsening` times the number of devices on the `depth` axis.
-    Call it under `jax.jit`.
+    Its `y1` is `odeint(field, y0, [t0, t1], solver=Euler(), substeps=N)[-1]` and its `ys` the state
+    at every layer, to rounding, once MGRIT has converged (N / m iterations at most); fewer
+    iterations give an approximation whose residual is in the statistics. `jax.grad` through it
+    solves the adjoint by MGRIT too (`mgrit.backward_*`). N must be divisible by
+    `mgrit.coarsening` times the number of devices on the `depth` axis. Call it under `jax.jit`.
     """
     problem, layers, flat_y0, t0, t1 = _setup(field, y0, t0, t1, solver, mgrit, mesh)
     states, last, stats = _solve(problem, layers, flat_y0, t0, t1)
@@ -296,5 +296,5 @@ def layer_parallel_vjp(field: DepthStack, y0, t0, t1, cotangent, *, solver: Eule
                          f"{jax.tree.map(jnp.shape, cotangent)}")
     grads, y0_grad, backward_stats = _backward(problem, layers, states, t0, t1,
                                                jnp.zeros_like(states), flat_cotangent)
-    solution = LayerParallelSolution(jax.vmap(problem.unravel)(states), problem.unravel(last), stats)
-    return solution, (grads, problem.unravel(y0_grad)), backward_stats
+    return (LayerParallelSolution(jax.vmap(problem.unravel)(states), problem.unravel(last), stats),
+            (grads, problem.unravel(y0_grad)), backward_stats)
