@@ -171,8 +171,8 @@ def probe(cfg: Config, field, y0, w, devices: int) -> dict:
 
 def measure_depth(cfg: Config, depth: int, counts: list[int], ring: dict) -> dict:
     """Time serial and layer-parallel passes at one depth, in alternation with the work model's
-    measurements (the `ring` calls, the relaxations); errors after K (K_b) iterations; predicted
-    times."""
+    measurements (the `ring` calls, MGRIT's phases on each device count); errors after K (K_b)
+    iterations; predicted times."""
     field, (y0, w) = make_field(cfg, depth), inputs(cfg)
     graphdef = nnx.graphdef(field)
     mgrit = MGRIT(coarsening=cfg.coarsening, iterations=cfg.iterations,
