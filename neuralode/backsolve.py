@@ -26,6 +26,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
@@ -152,6 +153,12 @@ def continuous_adjoint(checks, stepper, dynamics: Dynamics, y0, ts, args, tols):
                                                       dynamics.stacked, consts, tols, probe)
 
 
+def is_differentiable(x) -> bool:
+    """An inexact array, or an inexact Python or NumPy scalar: under an eager `jax.grad` a float
+    argument reaches a custom derivative rule as the float itself, not as an array."""
+    return eqx.is_inexact_array(x) or isinstance(x, (float, complex, np.inexact))
+
+
 def _backsolve_function(func, stepper, checks):
     """The solve as a `jax.custom_vjp` whose backward pass integrates the adjoint system."""
 
@@ -181,7 +188,7 @@ def _backsolve_function(func, stepper, checks):
         ys, ts, args, tied, stacked, consts, tols, marker, report_to = residuals
         ys_ct = jax.tree.map(lambda c, y: jnp.zeros_like(y) if isinstance(c, SymbolicZero) else c,
                              cotangents[0], ys, is_leaf=lambda c: isinstance(c, SymbolicZero))
-        theta, static = eqx.partition((args, tied, consts), eqx.is_inexact_array)
+        theta, static = eqx.partition((args, tied, consts), is_differentiable)
 
         def augmented(t, state, layer):
             # d/dt (y, a, a_theta, a_layer) = (f, -a^T df/dy, -a^T df/dtheta, -a^T df/dlayer)

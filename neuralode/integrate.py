@@ -26,7 +26,8 @@ from flax import nnx
 from neuralode import adaptive, validation
 from neuralode.adaptive import RESULTS, AdaptiveOptions
 from neuralode.adjoints import AbstractAdjoint, DiscreteAdjoint
-from neuralode.backsolve import AdaptiveStepper, FixedStepper, reconstruction_error, reporting
+from neuralode.backsolve import (AdaptiveStepper, FixedStepper, is_differentiable,
+                                 reconstruction_error, reporting)
 from neuralode.fields import DepthStack
 from neuralode.solvers import AbstractSolver, Dopri5
 from neuralode.stepping import Dynamics, hermite_interpolation
@@ -200,7 +201,7 @@ def _solve(options: _Options, y0, ts, args, tied, stacked, rtol, atol) -> Soluti
             ts = status.error_if(ts, bad)
     validation.check_field_output(options.func, ts, y0, args, tied, stacked)
     if options.check_finite:
-        inexact, rest = eqx.partition((y0, args, tied, stacked), eqx.is_inexact_array)
+        inexact, rest = eqx.partition((y0, args, tied, stacked), is_differentiable)
         y0, args, tied, stacked = eqx.combine(_check_cotangents(inexact), rest)
     dynamics = Dynamics(options.func, tied, stacked)
     solver, adjoint = options.solver, options.adjoint

@@ -64,6 +64,23 @@ def test_adaptive_gradients_match_finite_differences(solver, adjoint):
         np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("adjoint, check_finite", [(no.BacksolveAdjoint(), False),
+                                                   (no.DiscreteAdjoint(), True)], ids=repr)
+def test_eager_gradient_reaches_a_python_float_argument(adjoint, check_finite):
+    # Under an eager jax.grad a float argument reaches a custom derivative rule as the float
+    # itself: BacksolveAdjoint's took it for a constant and returned 0 (check_finite's rule skipped
+    # it). y' = -a y, so L(a) = |y(1)|^2 = |y0|^2 exp(-2a) and L'(a) = -2 |y0|^2 exp(-2a); rtol
+    # 1e-10 bounds the solve's error, and the gradient's relative error with it, near 1e-10.
+    def loss(rate):
+        ys = no.odeint(lambda t, y, a: -a * y, Y0, jnp.array([0.0, 1.0]), rate,
+                       solver=no.Dopri5(), adjoint=adjoint, rtol=1e-10, atol=1e-12,
+                       check_finite=check_finite)
+        return jnp.sum(ys[-1] ** 2)
+
+    exact = -2 * jnp.sum(Y0**2) * np.exp(-1.0)
+    np.testing.assert_allclose(jax.grad(loss)(0.5), exact, rtol=1e-8)
+
+
 @pytest.mark.parametrize("solver", [no.Euler(), no.RK4(), no.Leapfrog()], ids=repr)
 def test_checkpointed_equals_discrete(solver):
     if isinstance(solver, no.Leapfrog):
