@@ -8,7 +8,8 @@ nan/inf) are `Solution.result`, raised under `jit` by `equinox.error_if` unless
 
 Eager calls are compiled once: the solve runs under an inner `equinox.filter_jit` keyed on the
 static parts (the field's function or nnx graph, solver, adjoint, options, shapes), taking the
-arrays (y0, ts, args, the field's parameters) as arguments. Under an outer transformation (`jit`,
+arrays (y0, ts, args, the field's parameters) as arguments; Python floats in args are made arrays
+(a new value runs the same program, as under `jax.jit`), other Python objects in args are static. Under an outer transformation (`jit`,
 `grad`, `vmap` with traced inputs) the solve is traced inline. A plain-function field is keyed by
 identity, so values it reads from globals are frozen at its first eager call, as with `jax.jit`:
 pass such values in `args`, or make the field an nnx module (its parameters are always read).
@@ -21,6 +22,7 @@ from typing import Any, Callable, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from neuralode import adaptive, validation
@@ -191,7 +193,11 @@ def solve(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolver
     # Traced inline; also where a backward report is collected, which a cached program would miss.
     if validation.is_traced((arrays, stepsize_controller, event)) or reporting():
         return _solve(options, *arrays)
-    return _solve_compiled(options, *arrays)
+    # A Python float in args would be static to the compiled program, one compilation per value;
+    # as an array (weakly typed, as jax.jit makes it) every value runs the same program.
+    args = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, (float, complex, np.inexact))
+                        else x, args)
+    return _solve_compiled(options, y0, ts, args, tied, stacked, rtol, atol)
 
 
 def _solve(options: _Options, y0, ts, args, tied, stacked, rtol, atol) -> Solution:

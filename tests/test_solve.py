@@ -274,6 +274,17 @@ def test_eager_calls_are_compiled_once():
     ys = no.odeint(Counted(A), Y0, jnp.array([0.0, 2.0]))
     assert first > 0 and len(traces) == first
     np.testing.assert_allclose(ys[-1], linear_exact(2.0), rtol=1e-5)
+    traces.clear()
+
+    def scaled(t, y, rate):  # a Python float argument is a value, not a new program: y = e^{-rt}
+        traces.append(1)
+        return -rate * y
+
+    no.odeint(scaled, Y0, jnp.array([0.0, 1.0]), 0.5)
+    first = len(traces)
+    ys = no.odeint(scaled, Y0, jnp.array([0.0, 1.0]), 0.7)
+    assert first > 0 and len(traces) == first
+    np.testing.assert_allclose(ys[-1], np.exp(-0.7) * Y0, rtol=1e-5)
 
 
 def test_nonfinite_field_is_reported_as_such():
