@@ -153,10 +153,15 @@ def continuous_adjoint(checks, stepper, dynamics: Dynamics, y0, ts, args, tols):
                                                       dynamics.stacked, consts, tols, probe)
 
 
+def is_inexact_scalar(x) -> bool:
+    """A Python or NumPy float or complex scalar: a value that JAX differentiates, not an array."""
+    return isinstance(x, (float, complex, np.inexact))
+
+
 def is_differentiable(x) -> bool:
-    """An inexact array, or an inexact Python or NumPy scalar: under an eager `jax.grad` a float
-    argument reaches a custom derivative rule as the float itself, not as an array."""
-    return eqx.is_inexact_array(x) or isinstance(x, (float, complex, np.inexact))
+    """An inexact array or scalar: under an eager `jax.grad` a float argument reaches a custom
+    derivative rule as the float itself, not as an array."""
+    return eqx.is_inexact_array(x) or is_inexact_scalar(x)
 
 
 def _backsolve_function(func, stepper, checks):

@@ -9,10 +9,11 @@ nan/inf) are `Solution.result`, raised under `jit` by `equinox.error_if` unless
 Eager calls are compiled once: the solve runs under an inner `equinox.filter_jit` keyed on the
 static parts (the field's function or nnx graph, solver, adjoint, options, shapes), taking the
 arrays (y0, ts, args, the field's parameters) as arguments; Python floats in args are made arrays
-(a new value runs the same program, as under `jax.jit`), other Python objects in args are static. Under an outer transformation (`jit`,
-`grad`, `vmap` with traced inputs) the solve is traced inline. A plain-function field is keyed by
-identity, so values it reads from globals are frozen at its first eager call, as with `jax.jit`:
-pass such values in `args`, or make the field an nnx module (its parameters are always read).
+(a new value runs the same program, as under `jax.jit`), other Python objects in args are static.
+Under an outer transformation (`jit`, `grad`, `vmap` with traced inputs) the solve is traced
+inline. A plain-function field is keyed by identity, so values it reads from globals are frozen at
+its first eager call, as with `jax.jit`: pass such values in `args`, or make the field an nnx
+module (its parameters are always read).
 """
 from __future__ import annotations
 
@@ -22,14 +23,13 @@ from typing import Any, Callable, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from neuralode import adaptive, validation
 from neuralode.adaptive import RESULTS, AdaptiveOptions
 from neuralode.adjoints import AbstractAdjoint, DiscreteAdjoint
 from neuralode.backsolve import (AdaptiveStepper, FixedStepper, is_differentiable,
-                                 reconstruction_error, reporting)
+                                 is_inexact_scalar, reconstruction_error, reporting)
 from neuralode.fields import DepthStack
 from neuralode.solvers import AbstractSolver, Dopri5
 from neuralode.stepping import Dynamics, hermite_interpolation
@@ -195,8 +195,7 @@ def solve(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolver
         return _solve(options, *arrays)
     # A Python float in args would be static to the compiled program, one compilation per value;
     # as an array (weakly typed, as jax.jit makes it) every value runs the same program.
-    args = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, (float, complex, np.inexact))
-                        else x, args)
+    args = jax.tree.map(lambda x: jnp.asarray(x) if is_inexact_scalar(x) else x, args)
     return _solve_compiled(options, y0, ts, args, tied, stacked, rtol, atol)
 
 
