@@ -132,10 +132,10 @@ def phase_calls(cfg, field: nnx.Module, counts: list[int], rounds: int) -> dict:
                              varying(u))
 
     fns, args = {}, {}
+    dtype = jax.tree.leaves(params)[0].dtype
+    states = jnp.full((field.depth // m, cfg.batch, cfg.width), 0.1, dtype)
     for p in counts:
         mesh, spec = depth_mesh(p), Spec("depth")
-        states = jnp.full((field.depth // m, cfg.batch, cfg.width), 0.1,
-                          jax.tree.leaves(params)[0].dtype)
         placed = jax.device_put(((params, rest), states), NamedSharding(mesh, spec))
         for phase in PHASES:
             fns[phase, p] = jax.jit(jax.shard_map(
