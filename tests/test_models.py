@@ -166,6 +166,10 @@ def test_odenet_rnode_stats_and_noise_state():
     assert set(evaluation) == {"nfe", "failed_solves"} and int(evaluation["nfe"]) == int(first["nfe"])
 
 
+# One jitted function: calls with equal models and shapes share its compilation.
+failed_solves = nnx.jit(lambda model, x: model.forward(x)[1]["failed_solves"])
+
+
 def conv(kernel, cin, cout, spatial_dims):
     return kernel**spatial_dims * cin * cout + cout
 
@@ -182,9 +186,9 @@ def test_failed_solves_are_reported_by_forward_raised_by_call_and_the_step_has_n
     graphdef, state = no.make_train_state(model, optax.sgd(0.1))
     step = no.make_train_step(graphdef, classification_loss)
     assert not holds_host_callback(step.trace(state, x, jnp.array([0, 1, 2])).jaxpr)
-    assert int(nnx.jit(lambda m, x: m.forward(x)[1]["failed_solves"])(model, x)) == 0
+    assert int(failed_solves(model, x)) == 0
     bad = x.at[1, 2, 3, 0].set(jnp.nan)  # both stages start from non-finite states
-    assert int(nnx.jit(lambda m, x: m.forward(x)[1]["failed_solves"])(model, bad)) == 2
+    assert int(failed_solves(model, bad)) == 2
     with pytest.raises(Exception, match="y0 contains non-finite values"):
         jax.block_until_ready(nnx.jit(lambda m, x: m(x))(model, bad))
 
@@ -192,7 +196,7 @@ def test_failed_solves_are_reported_by_forward_raised_by_call_and_the_step_has_n
 def test_an_odenet_out_of_steps_reports_each_failed_stage_and_raises_max_steps():
     model = ODENet(1, 3, channels=(4, 6), rtol=1e-9, atol=1e-9, max_steps=3, param_dtype=F64,
                    rngs=nnx.Rngs(0))
-    assert int(nnx.jit(lambda m, x: m.forward(x)[1]["failed_solves"])(model, batch(2))) == 2
+    assert int(failed_solves(model, batch(2))) == 2
     with pytest.raises(Exception, match="max_steps"):
         jax.block_until_ready(nnx.jit(lambda m, x: m(x))(model, batch(2)))
 
