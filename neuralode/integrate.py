@@ -63,18 +63,26 @@ class Solution(NamedTuple):
 
     def evaluate(self, t):
         """The solution at time `t` (a scalar or a 1-D array of times), from the dense output:
-        diffrax's interpolation for a diffrax-stepped solve, cubic Hermite between fixed steps."""
+        diffrax's interpolation for a diffrax-stepped solve, cubic Hermite between fixed steps.
+        Dense output interpolates and never extrapolates: a time outside [ts[0], ts[-1]] raises
+        ValueError when `t` and `ts` are concrete, and gives nan under a transformation (as
+        diffrax's interpolation does), on every path."""
         if self.interpolation is None:
             raise ValueError("Solution.evaluate needs the dense output: call solve(..., "
                              "dense=True)")
         t = jnp.asarray(t)
+        low, high = jnp.minimum(self.ts[0], self.ts[-1]), jnp.maximum(self.ts[0], self.ts[-1])
+        outside = (t < low) | (t > high)
+        if not validation.is_traced((t, self.ts)) and bool(jnp.any(outside)):
+            raise ValueError(f"t: {jnp.ravel(t)[jnp.argmax(jnp.ravel(outside))]} is outside the "
+                             f"solved interval [{low}, {high}]; dense output does not extrapolate")
         like = jax.tree.map(lambda y: y[0], self.ys)
 
-        def one(s):
-            return jax.tree.map(lambda y, z: y.astype(z.dtype), self.interpolation.evaluate(s),
-                                like)
+        def one(s, out):
+            return jax.tree.map(lambda y, z: jnp.where(out, jnp.nan, y).astype(z.dtype),
+                                self.interpolation.evaluate(s), like)
 
-        return one(t) if t.ndim == 0 else jax.vmap(one)(t)
+        return one(t, outside) if t.ndim == 0 else jax.vmap(one)(t, outside)
 
 
 @dataclasses.dataclass(frozen=True)

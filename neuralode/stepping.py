@@ -120,7 +120,8 @@ class HermiteInterpolation(eqx.Module):
     right: object  # f'_{k+1} at the end of each step, leading axis K
 
     def evaluate(self, t):
-        """The interpolated state at the scalar time `t` (extrapolated outside the grid)."""
+        """The interpolated state at the scalar time `t` (extrapolated outside the grid, which
+        `Solution.evaluate` refuses)."""
         forward = self.ts[-1] > self.ts[0]
         key = jnp.where(forward, self.ts, -self.ts)
         k = jnp.clip(jnp.searchsorted(key, jnp.where(forward, t, -t), side="right") - 1, 0,

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
+import pytest
 import scipy.integrate
 from flax import nnx
 
@@ -93,6 +94,25 @@ def test_dense_output_between_fixed_steps_is_cubic_hermite():
                    solver=no.Leapfrog(), substeps=400, dense=True)
     q, p = sol.evaluate(jnp.array([-0.5, -1.7]))
     np.testing.assert_allclose(q, jnp.cos(jnp.array([-0.5, -1.7])), atol=1e-5)
+
+
+def test_dense_output_refuses_times_outside_the_solve_on_every_path():
+    """Outside [ts[0], ts[-1]] the fixed-step interpolant extrapolated a plausible wrong value
+    (y' = -y/2 from y(0) = 1, solved on [0, 1] by RK4: 0.365 at t = 2, where y = e^{-1} = 0.368):
+    concrete times raise, traced ones give nan, as diffrax's interpolation does; the ends are
+    inside."""
+    decay = lambda t, y, args: -y  # noqa: E731
+    for ts in (jnp.array([0.0, 1.0]), jnp.array([1.0, 0.0])):
+        for options in (dict(solver=no.RK4(), substeps=8), dict(solver=no.Dopri5())):
+            sol = no.solve(decay, jnp.array([1.0, 2.0]), ts, dense=True, **options)
+            np.testing.assert_allclose(sol.evaluate(ts[-1]), sol.ys[-1], rtol=1e-12)
+            np.testing.assert_allclose(sol.evaluate(ts[0]), sol.ys[0], rtol=1e-12)
+            for t in (2.0, -1.0, jnp.array([0.5, 1.5])):
+                with pytest.raises(ValueError, match=r"t: .* is outside the solved interval \[0.0, 1.0\]"):
+                    sol.evaluate(t)
+            inside, outside = jax.jit(sol.evaluate)(jnp.array([0.5, 1.5]))
+            np.testing.assert_allclose(inside, sol.evaluate(0.5), rtol=1e-12)
+            assert bool(jnp.all(jnp.isnan(outside)))
 
 
 def test_forward_mode_through_an_adaptive_solve():
