@@ -115,14 +115,15 @@ def _split(f) -> tuple[Callable, Any, Any]:
     """The field as `(func, tied, stacked)`: a hashable `func(t, y, args, tied, layer)` and its
     parameters, shared by every step (`tied`) or one slice per step (`stacked`)."""
     if isinstance(f, DepthStack):
-        validation.check_module_call(f.layers)
+        validation.check_field_call(f.layers)
         graphdef, stacked = nnx.split(f.layers)
         return _StackField(graphdef), None, stacked
     if isinstance(f, nnx.Module):
-        validation.check_module_call(f)
+        validation.check_field_call(f)
         graphdef, tied = nnx.split(f)
         return _ModuleField(graphdef), tied, None
     if callable(f):
+        validation.check_field_call(f)
         tied, static = eqx.partition(f, eqx.is_array)
         return _FunctionField(static), tied, None
     raise TypeError(f"f must be a function f(t, y, args) or an nnx.Module field(t, y, args), "

@@ -172,15 +172,22 @@ def traced_value_checks(ts, y0, rtol, atol) -> list[tuple[jax.Array, adaptive.RE
     return checks
 
 
-def check_module_call(module: nnx.Module) -> None:
-    """An nnx field is called as field(t, y, args), as a diffrax vector field."""
-    signature = inspect.signature(module.__call__)
+def check_field_call(f: Callable) -> None:
+    """A field, function or nnx module, is called as f(t, y, args), as a diffrax vector field (a
+    torchdiffeq-style f(t, y) would otherwise fail deep inside the solve)."""
+    call = f.__call__ if isinstance(f, nnx.Module) else f
+    try:
+        signature = inspect.signature(call)
+    except (TypeError, ValueError):  # no signature to read (a builtin): the call will tell
+        return
     try:
         signature.bind(0.0, None, None)
     except TypeError:
-        raise TypeError(f"an nnx.Module field is called as field(t, y, args), like a diffrax "
-                        f"vector field: {type(module).__name__}.__call__ must take "
-                        f"(t, y, args=None), got {signature}") from None
+        name = (f"{type(f).__name__}.__call__" if isinstance(f, nnx.Module)
+                else getattr(f, "__name__", type(f).__name__))
+        raise TypeError(f"f is called as f(t, y, args), like a diffrax vector field: {name} must "
+                        f"take (t, y, args) (args may go unused, or default to None), got "
+                        f"{signature}") from None
 
 
 def check_field_output(func: Callable, ts, y0, args, tied, stacked) -> None:

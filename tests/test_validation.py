@@ -152,14 +152,25 @@ def test_error_substeps_with_adaptive_solver():
         no.odeint(field, jnp.ones(3), T01, solver=no.Tsit5(), substeps=2)
 
 
-def test_error_module_field_signature():
+def test_error_field_signature():
+    """A torchdiffeq-style f(t, y), function or module, is named before tracing (it used to fail
+    as Python's own "takes 2 positional arguments but 3 were given" from inside the solve)."""
     class TwoArguments(nnx.Module):
         def __call__(self, t, y):
             return -y
 
-    with pytest.raises(TypeError, match=r"called as field\(t, y, args\).*must take "
-                                        r"\(t, y, args=None\)"):
-        no.odeint(TwoArguments(), jnp.ones(3), T01)
+    def decay(t, y):
+        return -y
+
+    for f, name in ((TwoArguments(), r"TwoArguments.__call__"), (decay, "decay"),
+                    (lambda t, y: -y, "<lambda>")):
+        with pytest.raises(TypeError, match=rf"called as f\(t, y, args\).*: {name} must take "
+                                            rf"\(t, y, args\).*got \(.*t, y\)"):
+            no.odeint(f, jnp.ones(3), T01)
+    # Unused or defaulted args, *args and a jitted field are accepted.
+    for f in (lambda t, y, _: -y, lambda t, y, args=None: -y, lambda *a: -a[1],
+              jax.jit(lambda t, y, args: -y)):
+        assert no.odeint(f, jnp.ones(3), T01, solver=no.Euler()).shape == (2, 3)
 
 
 @pytest.mark.parametrize("y0", [jnp.ones(3), (jnp.ones(3),), (jnp.ones(1),) * 3], ids=str)
