@@ -164,22 +164,32 @@ def gradient_memory_bytes(model: nnx.Module, loss_fn: Callable, x, y) -> int:
 
 def accuracy(model: nnx.Module, x, y, batch_size: int = 1000) -> float:
     """Top-1 accuracy of the eval-mode classifier `model` on `(x, y)`, `batch_size` at a time.
-    Raises if a classifier of `neuralode.models` reports a failed ODE solve on some batch."""
+    `y` holds one class index per example, in [0, classes) of the model's logits: one-hot rows or
+    labels counted from 1 raise ValueError (they would score as wrong, silently). Raises if a
+    classifier of `neuralode.models` reports a failed ODE solve on some batch."""
+    y = np.asarray(y)
+    if y.ndim != 1 or not np.array_equal(y, np.round(y)):
+        raise ValueError(f"y: expected one integer class index per example, shape (N,), got an "
+                         f"array of shape {y.shape} and dtype {y.dtype}")
     model.eval()
     correct = 0
     for xb, yb in batches(x, y, batch_size):
-        predicted, failed = _predict(model, xb)
+        predicted, failed, classes = _predict(model, xb)
         check_failed_solves(float(failed), "accuracy")
+        if yb.min() < 0 or yb.max() >= int(classes):
+            raise ValueError(f"y: labels in [{y.min()}, {y.max()}], but the model has {int(classes)} "
+                             f"classes, so they must lie in [0, {int(classes) - 1}]")
         correct += int(np.sum(np.asarray(predicted) == yb))
     return correct / len(y)
 
 
 @nnx.jit
 def _predict(model: nnx.Module, x):
-    """Predicted classes, and the failed solves a model with `forward` reports (reported rather
-    than raised inside the program, so that it holds no host callback and JAX's cache keeps it)."""
+    """Predicted classes, the failed solves a model with `forward` reports (reported rather than
+    raised inside the program, so that it holds no host callback and JAX's cache keeps it), and
+    the number of classes."""
     logits, stats = logits_and_stats(model, x)
-    return jnp.argmax(logits, axis=-1), stats.get("failed_solves", 0)
+    return jnp.argmax(logits, axis=-1), stats.get("failed_solves", 0), logits.shape[-1]
 
 
 def loglog_slope(x, y, floor: float = 0.0) -> float:

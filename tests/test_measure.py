@@ -91,6 +91,17 @@ def test_accuracy_in_batches_equals_the_whole_batch():
     expected = float(np.mean(np.argmax(np.asarray(model(x)), -1) == y))
     assert 0 < expected < 1
     assert accuracy(model, x, y, batch_size=3) == expected
+    assert accuracy(model, x, y.astype(np.float32)) == expected  # integral floats are labels too
+    # Labels counted from 1 were compared with class indices counted from 0 (a perfect model
+    # scored 0), one-hot rows raised numpy's broadcasting error: both are refused, naming y.
+    with pytest.raises(ValueError, match=r"y: labels in \[1, 3\], but the model has 3 classes, so "
+                                         r"they must lie in \[0, 2\]"):
+        accuracy(model, x, y + 1)
+    with pytest.raises(ValueError, match=r"y: expected one integer class index per example, shape "
+                                         r"\(N,\), got an array of shape \(7, 3\)"):
+        accuracy(model, x, np.eye(3)[y])
+    with pytest.raises(ValueError, match=r"y: expected one integer class index"):
+        accuracy(model, x, y + 0.5)
 
 
 def test_measurements_raise_when_a_model_reports_a_failed_solve():
