@@ -15,6 +15,7 @@ from typing import Callable, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -146,6 +147,14 @@ class DepthStack(nnx.Module):
         self.depth = depth
 
     def layer(self, k: int) -> nnx.Module:
+        """Copy k as an ordinary field; k in [-depth, depth), negative counting from the last. A
+        traced k (inside a scan) is not checked: JAX clamps an index beyond the stack to its end."""
+        if not isinstance(k, jax.core.Tracer):
+            if isinstance(k, bool) or np.ndim(k) != 0 \
+                    or not np.issubdtype(np.result_type(k), np.integer) \
+                    or not -self.depth <= int(k) < self.depth:
+                raise IndexError(f"k: expected an int in [-{self.depth}, {self.depth}) for a "
+                                 f"DepthStack of depth {self.depth}, got {k!r}")
         graphdef, state = nnx.split(self.layers)
         return nnx.merge(graphdef, jax.tree.map(lambda x: x[k], state))
 

@@ -47,8 +47,14 @@ def test_depth_stack_has_a_leading_depth_axis_and_independent_layers():
     assert kernels.shape == (5, 3, 8)
     assert len({float(jnp.sum(k)) for k in kernels}) == 5
     np.testing.assert_array_equal(stack.layer(3).layers[0].kernel[...], kernels[3])
+    np.testing.assert_array_equal(stack.layer(jnp.int32(-1)).layers[0].kernel[...], kernels[4])
     with pytest.raises(TypeError, match="DepthStack has one field per step"):
         stack(0.0, jnp.ones(3))
+    # JAX clamps an index beyond an array: layer(5) and layer(10) were layer 4, silently.
+    for k in (5, 10, -6, 1.0, True):
+        with pytest.raises(IndexError, match=r"k: expected an int in \[-5, 5\) for a DepthStack of "
+                                             r"depth 5, got "):
+            stack.layer(k)
 
 
 @pytest.mark.parametrize("shape, kernel", [((2, 9, 3), (3,)), ((2, 7, 6, 3), (3, 3)),
