@@ -11,9 +11,9 @@ static parts (the field's function or nnx graph, solver, adjoint, options, shape
 arrays (y0, ts, args, the field's parameters) as arguments; Python floats in args are made arrays
 (a new value runs the same program, as under `jax.jit`), other Python objects in args are static.
 Under an outer transformation (`jit`, `grad`, `vmap` with traced inputs) the solve is traced
-inline. A plain-function field is keyed by identity, so values it reads from globals are frozen at
-its first eager call, as with `jax.jit`: pass such values in `args`, or make the field an nnx
-module (its parameters are always read).
+inline. A plain-function field is keyed by identity and by the values it reads from its closure
+and globals (`neuralode.freevalues`): a changed global compiles anew instead of reusing the old
+value (values passed in `args` never recompile).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from neuralode.adjoints import AbstractAdjoint, DiscreteAdjoint
 from neuralode.backsolve import (AdaptiveStepper, FixedStepper, is_differentiable,
                                  is_inexact_scalar, reconstruction_error, reporting)
 from neuralode.fields import DepthStack
+from neuralode.freevalues import free_values
 from neuralode.solvers import AbstractSolver, Dopri5
 from neuralode.stepping import Dynamics, hermite_interpolation
 
@@ -87,9 +88,11 @@ class Solution(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class _FunctionField:
-    """A field given as a function or an equinox module: its arrays travel as `tied`."""
+    """A field given as a function or an equinox module: its arrays travel as `tied`; `reads`,
+    the values it reads from its closure and globals, is part of the eager cache's key."""
 
     static: Any
+    reads: tuple = ()
 
     def __call__(self, t, y, args, tied, layer):
         return eqx.combine(tied, self.static)(t, y, args)
@@ -125,7 +128,7 @@ def _split(f) -> tuple[Callable, Any, Any]:
     if callable(f):
         validation.check_field_call(f)
         tied, static = eqx.partition(f, eqx.is_array)
-        return _FunctionField(static), tied, None
+        return _FunctionField(static, free_values(f)), tied, None
     raise TypeError(f"f must be a function f(t, y, args) or an nnx.Module field(t, y, args), "
                     f"got {f!r}")
 

@@ -243,6 +243,54 @@ def test_decreasing_ts_integrate_backwards(solver, substeps, adjoint):
     np.testing.assert_allclose(grad, (jnp.cos(2.0), -jnp.sin(2.0)), atol=tol)
 
 
+RATE = 0.5
+
+
+def _decay(y):
+    return -RATE * y
+
+
+def test_eager_calls_see_the_values_a_function_field_reads_now():
+    """A function field's cached program held what it read from globals and closures: after
+    `RATE = 2.0` an eager solve of y' = -RATE y still gave e^{-0.5} (silently). Rebound globals,
+    closure cells, a helper's global and an nnx module's updated parameters are read anew; an
+    unchanged field is not traced again."""
+    global RATE
+    ts, y0 = jnp.array([0.0, 1.0]), jnp.ones(2)
+    TIGHT = dict(rtol=1e-10, atol=1e-12)  # noqa: N806
+    direct = lambda t, y, args: -RATE * y  # noqa: E731
+    through_helper = lambda t, y, args: _decay(y)  # noqa: E731
+    for field in (direct, through_helper):
+        RATE = 0.5
+        np.testing.assert_allclose(no.odeint(field, y0, ts, **TIGHT)[-1], np.exp(-0.5), rtol=1e-8)
+        RATE = 2.0
+        np.testing.assert_allclose(no.odeint(field, y0, ts, **TIGHT)[-1], np.exp(-2.0), rtol=1e-8)
+
+    rate = 1.0
+    closure = lambda t, y, args: -rate * y  # noqa: E731
+    np.testing.assert_allclose(no.odeint(closure, y0, ts, **TIGHT)[-1], np.exp(-1.0), rtol=1e-8)
+    rate = 3.0
+    np.testing.assert_allclose(no.odeint(closure, y0, ts, **TIGHT)[-1], np.exp(-3.0), rtol=1e-8)
+
+    layer = nnx.Linear(2, 2, use_bias=False, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    layer.kernel[...] = -jnp.eye(2)
+    module_closure = lambda t, y, args: layer(y)  # noqa: E731
+    np.testing.assert_allclose(no.odeint(module_closure, y0, ts, **TIGHT)[-1], np.exp(-1.0), rtol=1e-8)
+    layer.kernel[...] = -2 * jnp.eye(2)  # as an optimiser step replaces the parameters
+    np.testing.assert_allclose(no.odeint(module_closure, y0, ts, **TIGHT)[-1], np.exp(-2.0), rtol=1e-8)
+
+    traces = []
+
+    def counted(t, y, args):
+        traces.append(1)
+        return -rate * y
+
+    no.odeint(counted, y0, ts)
+    first = len(traces)
+    no.odeint(counted, 2 * y0, ts)
+    assert first > 0 and len(traces) == first  # nothing it reads changed: the same program
+
+
 def test_eager_calls_are_compiled_once():
     """The second eager call with the same field, solver and shapes is not traced again (the
     field is traced only while compiling), and computes with its own inputs: y' = A y from a new
