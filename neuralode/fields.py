@@ -151,7 +151,7 @@ class DepthStack(nnx.Module):
         traced k (inside a scan) is not checked: JAX clamps an index beyond the stack to its end."""
         if not isinstance(k, jax.core.Tracer):
             if isinstance(k, bool) or np.ndim(k) != 0 \
-                    or not np.issubdtype(np.result_type(k), np.integer) \
+                    or not np.issubdtype(np.asarray(k).dtype, np.integer) \
                     or not -self.depth <= int(k) < self.depth:
                 raise IndexError(f"k: expected an int in [-{self.depth}, {self.depth}) for a "
                                  f"DepthStack of depth {self.depth}, got {k!r}")
