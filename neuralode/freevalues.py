@@ -5,12 +5,14 @@ function read from its closure and from the globals it names as constants. Witho
 `k = 2.0` after a first solve of `lambda t, y, args: -k * y` (a notebook cell re-run) gave the old
 solution again, silently. `free_values(f)` is that key: Python scalars and strings by value, tuples
 by their items, nnx modules by the arrays of their state (training replaces them), the functions
-`f` calls by what they read in turn (a helper reading a global), and every other object (a JAX or
-NumPy array, a list) by identity. So rebinding a name compiles a new program; mutating an object
+`f` calls by what they read in turn (a helper reading a global), a bound method's object by its
+attributes, a partial's bound arguments by value, and every other object (a JAX or NumPy array, a
+list) by identity. So rebinding a name compiles a new program; mutating an object
 in place is not seen, as JAX does not see it (it captures arrays as constants).
 """
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any
 
@@ -41,6 +43,11 @@ def free_values(f: Any) -> tuple:
 
 def _function(f: Any, depth: int, seen: set) -> tuple:
     f = getattr(f, "__wrapped__", f)  # jax.jit, functools.wraps
+    if isinstance(f, types.MethodType):  # a bound method reads its object's attributes
+        return (("self", _attributes(f.__self__, depth, seen)),) + _function(f.__func__, depth, seen)
+    if isinstance(f, functools.partial):
+        bound = (f.args, tuple(sorted(f.keywords.items())))
+        return (("partial", _value(bound, depth, seen)),) + _function(f.func, depth, seen)
     if not isinstance(f, types.FunctionType) or depth == 0 or id(f) in seen:
         return ()
     seen.add(id(f))
@@ -69,15 +76,24 @@ def _global_names(code: types.CodeType) -> set[str]:
     return names
 
 
+def _attributes(obj: Any, depth: int, seen: set):
+    """An object by its attributes (an nnx module by its state), one level deep."""
+    if isinstance(obj, nnx.Module) or not hasattr(obj, "__dict__"):
+        return _value(obj, depth, seen)
+    return (Identity(obj), tuple((name, _value(v, depth, seen)) for name, v in vars(obj).items()))
+
+
 def _value(value: Any, depth: int, seen: set):
     if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
         return value
     if isinstance(value, (types.ModuleType, type)):
         return None
     if isinstance(value, nnx.Module):
-        return ("module", Identity(value), tuple(Identity(x) for x in jax.tree.leaves(nnx.state(value))))
+        leaves = jax.tree.leaves(nnx.state(value))
+        return ("module", Identity(value), tuple(Identity(x) for x in leaves))
     if isinstance(value, tuple):
         return ("tuple", tuple(_value(v, depth, seen) for v in value))
-    if isinstance(getattr(value, "__wrapped__", value), types.FunctionType):
+    if isinstance(getattr(value, "__wrapped__", value),
+                  (types.FunctionType, types.MethodType, functools.partial)):
         return ("function", Identity(value), _function(value, depth - 1, seen))
     return Identity(value)

@@ -2,6 +2,8 @@
 the default is accurate, transformations work, statistics count real evaluations, states keep
 their dtype, time runs both ways, eager calls are compiled once, and non-finite values are caught.
 (Errors for bad input: test_validation.py.)"""
+import functools
+
 import diffrax
 import equinox as eqx
 import jax
@@ -253,8 +255,9 @@ def _decay(y):
 def test_eager_calls_see_the_values_a_function_field_reads_now():
     """A function field's cached program held what it read from globals and closures: after
     `RATE = 2.0` an eager solve of y' = -RATE y still gave e^{-0.5} (silently). Rebound globals,
-    closure cells, a helper's global and an nnx module's updated parameters are read anew; an
-    unchanged field is not traced again."""
+    closure cells, a helper's global, an nnx module's updated parameters, a bound method's
+    attribute and a partial's function's global are read anew; an unchanged field is not traced
+    again."""
     global RATE
     ts, y0 = jnp.array([0.0, 1.0]), jnp.ones(2)
     TIGHT = dict(rtol=1e-10, atol=1e-12)  # noqa: N806
@@ -278,6 +281,23 @@ def test_eager_calls_see_the_values_a_function_field_reads_now():
     np.testing.assert_allclose(no.odeint(module_closure, y0, ts, **TIGHT)[-1], np.exp(-1.0), rtol=1e-8)
     layer.kernel[...] = -2 * jnp.eye(2)  # as an optimiser step replaces the parameters
     np.testing.assert_allclose(no.odeint(module_closure, y0, ts, **TIGHT)[-1], np.exp(-2.0), rtol=1e-8)
+
+    class Decay:  # a field as a bound method of a plain object, and a partial of a function
+        def __init__(self, rate):
+            self.rate = rate
+
+        def field(self, t, y, args):
+            return -self.rate * y
+
+    decay = Decay(1.0)
+    scaled = functools.partial(lambda t, y, args, scale: -RATE * scale * y, scale=2.0)
+    RATE = 0.5
+    for field, before, after, change in (
+            (decay.field, 1.0, 2.5, lambda: setattr(decay, "rate", 2.5)),
+            (scaled, 1.0, 3.0, lambda: globals().update(RATE=1.5))):
+        np.testing.assert_allclose(no.odeint(field, y0, ts, **TIGHT)[-1], np.exp(-before), rtol=1e-8)
+        change()
+        np.testing.assert_allclose(no.odeint(field, y0, ts, **TIGHT)[-1], np.exp(-after), rtol=1e-8)
 
     traces = []
 
