@@ -5,8 +5,8 @@ function read from its closure and from the globals it names as constants. Witho
 `k = 2.0` after a first solve of `lambda t, y, args: -k * y` (a notebook cell re-run) gave the old
 solution again, silently. `free_values(f)` is that key: Python scalars and strings by value, tuples
 by their items, nnx modules by the arrays of their state (training replaces them), the functions
-`f` calls by what they read in turn (a helper reading a global), a bound method's object by its
-attributes, a partial's bound arguments by value, and every other object (a JAX or NumPy array, a
+`f` calls by what they read in turn (a helper reading a global), a bound method's object (or a
+callable object) by its attributes, a partial's bound arguments by value, and every other object (a JAX or NumPy array, a
 list) by identity. So rebinding a name compiles a new program; mutating an object
 in place is not seen, as JAX does not see it (it captures arrays as constants).
 """
@@ -16,6 +16,7 @@ import functools
 import types
 from typing import Any
 
+import equinox as eqx
 import jax
 from flax import nnx
 
@@ -43,6 +44,9 @@ def free_values(f: Any) -> tuple:
 
 def _function(f: Any, depth: int, seen: set) -> tuple:
     f = getattr(f, "__wrapped__", f)  # jax.jit, functools.wraps
+    plain = (types.FunctionType, types.MethodType, functools.partial, eqx.Module)
+    if not isinstance(f, plain) and isinstance(getattr(f, "__call__", None), types.MethodType):
+        f = f.__call__  # an object with __call__ (an equinox module's arrays are arguments)
     if isinstance(f, types.MethodType):  # a bound method reads its object's attributes
         return (("self", _attributes(f.__self__, depth, seen)),) + _function(f.__func__, depth, seen)
     if isinstance(f, functools.partial):

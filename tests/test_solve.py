@@ -255,9 +255,9 @@ def _decay(y):
 def test_eager_calls_see_the_values_a_function_field_reads_now():
     """A function field's cached program held what it read from globals and closures: after
     `RATE = 2.0` an eager solve of y' = -RATE y still gave e^{-0.5} (silently). Rebound globals,
-    closure cells, a helper's global, an nnx module's updated parameters, a bound method's
-    attribute and a partial's function's global are read anew; an unchanged field is not traced
-    again."""
+    closure cells, a helper's global, an nnx module's updated parameters, the attribute of a
+    bound method's or a callable object's object and a partial's function's global are read
+    anew; an unchanged field is not traced again."""
     global RATE
     ts, y0 = jnp.array([0.0, 1.0]), jnp.ones(2)
     TIGHT = dict(rtol=1e-10, atol=1e-12)  # noqa: N806
@@ -289,11 +289,14 @@ def test_eager_calls_see_the_values_a_function_field_reads_now():
         def field(self, t, y, args):
             return -self.rate * y
 
-    decay = Decay(1.0)
+        __call__ = field
+
+    decay, callable_object = Decay(1.0), Decay(1.0)
     scaled = functools.partial(lambda t, y, args, scale: -RATE * scale * y, scale=2.0)
     RATE = 0.5
     for field, before, after, change in (
             (decay.field, 1.0, 2.5, lambda: setattr(decay, "rate", 2.5)),
+            (callable_object, 1.0, 0.5, lambda: setattr(callable_object, "rate", 0.5)),
             (scaled, 1.0, 3.0, lambda: globals().update(RATE=1.5))):
         np.testing.assert_allclose(no.odeint(field, y0, ts, **TIGHT)[-1], np.exp(-before), rtol=1e-8)
         change()
