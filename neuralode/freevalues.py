@@ -6,9 +6,9 @@ function read from its closure and from the globals it names as constants. Witho
 solution again, silently. `free_values(f)` is that key: Python scalars and strings by value, tuples
 by their items, nnx modules by the arrays of their state (training replaces them), the functions
 `f` calls by what they read in turn (a helper reading a global), a bound method's object (or a
-callable object) by its attributes, a partial's bound arguments by value, and every other object (a JAX or NumPy array, a
-list) by identity. So rebinding a name compiles a new program; mutating an object
-in place is not seen, as JAX does not see it (it captures arrays as constants).
+callable object) by its attributes, a partial's bound arguments by value, and every other object
+(a JAX or NumPy array, a list) by identity. So rebinding a name compiles a new program; mutating
+an object in place is not seen, as JAX does not see it (it captures arrays as constants).
 """
 from __future__ import annotations
 

@@ -89,7 +89,8 @@ class Solution(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class _FunctionField:
     """A field given as a function or an equinox module: its arrays travel as `tied`; `reads`,
-    the values it reads from its closure and globals, is part of the eager cache's key."""
+    the values it reads from its closure and globals, is part of the eager cache's key (set only
+    for an eager solve: a traced one reads them as it is traced)."""
 
     static: Any
     reads: tuple = ()
@@ -128,7 +129,7 @@ def _split(f) -> tuple[Callable, Any, Any]:
     if callable(f):
         validation.check_field_call(f)
         tied, static = eqx.partition(f, eqx.is_array)
-        return _FunctionField(static, free_values(f)), tied, None
+        return _FunctionField(static), tied, None
     raise TypeError(f"f must be a function f(t, y, args) or an nnx.Module field(t, y, args), "
                     f"got {f!r}")
 
@@ -208,6 +209,8 @@ def solve(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolver
     # A Python float in args would be static to the compiled program, one compilation per value;
     # as an array (weakly typed, as jax.jit makes it) every value runs the same program.
     args = jax.tree.map(lambda x: jnp.asarray(x) if is_inexact_scalar(x) else x, args)
+    if isinstance(func, _FunctionField):  # the key of the cached program: what f reads now
+        options = options._replace(func=dataclasses.replace(func, reads=free_values(f)))
     return _solve_compiled(options, y0, ts, args, tied, stacked, rtol, atol)
 
 
