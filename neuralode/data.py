@@ -247,7 +247,7 @@ def batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield `(x, y)` minibatches covering every example once; the last one may be smaller, or
     with `fill` it is completed by the first examples of the same order (a compiled step sees one
-    batch shape, so it is compiled once).
+    batch shape, so it is compiled once; `batch_size` may then not exceed the examples).
 
     With `rng` the order is a permutation drawn from it (deterministic for a seeded Generator),
     without it the data come in order. `start` skips the first `start` batches of that same
@@ -255,14 +255,23 @@ def batches(
     """
     if len(x) != len(y):
         raise ValueError(f"x and y: {len(x)} inputs but {len(y)} labels, expected equal counts")
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, found {batch_size!r}")
+    check_batch_size(batch_size, len(x), fill=fill)
     order = np.arange(len(x)) if rng is None else rng.permutation(len(x))
     if fill:
         order = np.resize(order, num_batches(len(x), batch_size) * batch_size)  # repeats cyclically
     for begin in range(start * batch_size, len(order), batch_size):
         index = order[begin : begin + batch_size]
         yield x[index], y[index]
+
+
+def check_batch_size(batch_size: int, num_examples: int, *, fill: bool) -> None:
+    """Refuse a batch size that is not a positive integer, or (with `fill`) one larger than the
+    data: every batch would then hold some examples twice, a weighted gradient without a word."""
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, found {batch_size!r}")
+    if fill and batch_size > num_examples:
+        raise ValueError(f"batch_size: {batch_size} is more than the {num_examples} examples, so every batch "
+                         f"would repeat examples; use at most {num_examples} (one full batch)")
 
 
 def random_shift(x: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:

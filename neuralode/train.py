@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from neuralode import rundir
 from neuralode.checkpoints import CheckpointStore
-from neuralode.data import Dataset, batches, num_batches, random_shift, validate_dataset
+from neuralode.data import Dataset, batches, check_batch_size, num_batches, random_shift, validate_dataset
 from neuralode.parallel.data import data_parallel_eval_step, data_parallel_train_step
 from neuralode.resume import restore, run_identity
 from neuralode.rundir import read_metrics
@@ -228,6 +228,7 @@ def _check_arguments(model: nnx.Module, dataset: Dataset, config: TrainConfig, l
         raise TypeError(f"config: expected a TrainConfig, found {type(config).__name__}")
     default_loss = loss_fn is classification_loss
     validate_dataset(dataset, labels=default_loss)
+    check_batch_size(config.batch_size, len(dataset.x_train), fill=True)
     if config.augment_shift:
         spatial = dataset.x_train.shape[1:-1]
         if not spatial:

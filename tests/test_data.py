@@ -102,6 +102,9 @@ def test_batches_cover_every_example_once_and_are_deterministic():
     assert [len(b) for b, _ in filled] == [4, 4, 4]
     np.testing.assert_array_equal(np.concatenate([yb for _, yb in filled]), np.r_[order, order[:2]])
     np.testing.assert_array_equal(list(data.batches(x, y, 4, fill=True, start=2))[0][1], [8, 9, 0, 1])
+    with pytest.raises(ValueError, match="batch_size: 11 is more than the 10 examples"):
+        next(data.batches(x, y, 11, fill=True))
+    assert [len(b) for b, _ in data.batches(x, y, 11)] == [10]  # unfilled: one short batch
     with pytest.raises(ValueError, match="batch_size"):
         next(data.batches(x, y, 0))
     with pytest.raises(ValueError, match="10 inputs but 9 labels"):

@@ -375,16 +375,21 @@ def test_a_failed_ode_solve_stops_the_run_before_its_step_is_saved(tmp_path):
     assert checkpoint_steps(tmp_path) == []
 
 
-def test_shifts_as_large_as_the_input_and_an_empty_training_split_are_refused(tmp_path):
+def test_shifts_as_large_as_the_input_batches_larger_than_the_data_and_an_empty_split_are_refused(tmp_path):
     data = train_script.tiny_dataset()  # sequences of length 8
     too_far = dataclasses.replace(train_script.CONFIG, augment_shift=8)
     with pytest.raises(ValueError, match=r"TrainConfig.augment_shift: 8 is not below the spatial size 8 of the "
                                          r"inputs \(8, 1\); a shift that large moves whole examples out"):
         train(train_script.make_model(), data, too_far, tmp_path / "shift")
+    # a batch of 161 from 160 examples would hold every example once and one twice (weighted)
+    too_large = dataclasses.replace(train_script.CONFIG, batch_size=len(data.x_train) + 1)
+    with pytest.raises(ValueError, match=r"batch_size: 161 is more than the 160 examples, so every batch would "
+                                         r"repeat examples; use at most 160"):
+        train(train_script.make_model(), data, too_large, tmp_path / "batch")
     empty = data._replace(x_train=data.x_train[:0], y_train=data.y_train[:0])
     with pytest.raises(ValueError, match="dataset 'blobs': x_train holds no examples; training needs at least one"):
         train(train_script.make_model(), empty, train_script.CONFIG, tmp_path / "empty")
-    assert not os.path.exists(tmp_path / "shift") and not os.path.exists(tmp_path / "empty")
+    assert not any(os.path.exists(tmp_path / name) for name in ("shift", "batch", "empty"))
 
 
 def test_resume_with_another_architecture_names_the_arrays_and_nothing_else_is_printed(reference, tmp_path):
