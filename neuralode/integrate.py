@@ -324,6 +324,8 @@ def odeint(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolve
         Euler/Midpoint/Heun/RK4/Leapfrog (a discrete-depth network).
     adjoint: DiscreteAdjoint (backprop through the steps), CheckpointAdjoint, BacksolveAdjoint, or
         any diffrax adjoint for a diffrax-stepped solve (`diffrax.ForwardMode()` for `jax.jacfwd`).
+    rtol, atol: the adaptive solvers' tolerances (refused with a fixed-step solver, whose
+        error only substeps changes).
     max_steps: the most steps allowed; an adaptive solve that needs more raises.
     options: those of `solve` (throw, controlled, stepsize_controller, event, dense,
         check_finite).

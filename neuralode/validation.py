@@ -52,6 +52,12 @@ def check_options(solver, adjoint, *, substeps, max_steps, rtol, atol, throw, co
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")
     diffrax_stepped = adaptive.is_diffrax_stepped(solver)
+    tolerances_given = any(not isinstance(value, (int, float)) or value != default
+                           for value, default in zip((rtol, atol), defaults))
+    if tolerances_given and fixed_steps(solver, stepsize_controller):
+        raise ValueError(f"rtol and atol apply to adaptive solvers; {solver!r} takes fixed steps "
+                         f"(substeps equal steps per interval of ts), which no tolerance changes: "
+                         f"refine it by substeps, or use an adaptive solver such as Dopri5()")
     if substeps != 1 and not fixed_steps(solver, stepsize_controller):
         raise ValueError(f"substeps applies to fixed-step solvers; {solver!r} chooses its own "
                          f"steps, got substeps={substeps}")
@@ -66,8 +72,7 @@ def check_options(solver, adjoint, *, substeps, max_steps, rtol, atol, throw, co
             raise ValueError("stepsize_controller=ConstantStepSize() needs a dt0, which solve does "
                              "not take: without a stepsize_controller, a diffrax solver without "
                              "an error estimate takes substeps equal steps per interval of ts")
-        if any(not isinstance(value, (int, float)) or value != default
-               for value, default in zip((rtol, atol), defaults)):
+        if tolerances_given:
             raise ValueError("rtol and atol set the default PIDController; with "
                              "stepsize_controller=... give the tolerances to it instead")
     if controlled is not None:

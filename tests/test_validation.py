@@ -125,13 +125,15 @@ def test_throw_false_reports_every_traced_value_rule_and_holds_no_host_callback(
     # With throw=False a broken rule is the solve's result (the first broken one, before any
     # solver status), and the program holds no host callback, so JAX's compilation cache keeps it.
     def run(y0, ts, rtol):
-        sol = no.solve(field, y0, ts, solver=solver, rtol=rtol, throw=False)
+        tolerance = dict(rtol=rtol) if solver.adaptive else {}  # fixed steps take none
+        sol = no.solve(field, y0, ts, solver=solver, throw=False, **tolerance)
         return sol.ys, sol.result
 
     good = (jnp.ones(3), T01, 1e-6)
     cases = {"successful": good, "nonfinite_y0": (jnp.array([1.0, jnp.nan, 0.0]), T01, 1e-6),
-             "invalid_ts": (jnp.ones(3), jnp.array([0.0, 0.0]), 1e-6),
-             "invalid_rtol": (jnp.ones(3), T01, -1.0)}
+             "invalid_ts": (jnp.ones(3), jnp.array([0.0, 0.0]), 1e-6)}
+    if solver.adaptive:
+        cases["invalid_rtol"] = (jnp.ones(3), T01, -1.0)
     for status, args in cases.items():
         assert jax.jit(run)(*args)[1] == getattr(no.RESULTS, status), status
     nan_y0_and_ts = (jnp.array([jnp.nan, 0.0, 0.0]), jnp.array([0.0, 0.0]), 1e-6)
@@ -201,6 +203,12 @@ def test_error_diffrax_options_with_fixed_steps():
     with pytest.raises(ValueError, match="event applies to diffrax-stepped solvers"):
         no.solve(field, jnp.ones(3), T01, solver=no.RK4(),
                  event=diffrax.Event(lambda t, y, args, **kw: y[0] < 0))
+    # tolerances a fixed-step solve would ignore (its error is set by substeps alone)
+    for solver in (no.RK4(), diffrax.Euler()):
+        for tolerance in (dict(rtol=1e-9), dict(atol=1e-3)):
+            with pytest.raises(ValueError, match=r"rtol and atol apply to adaptive solvers; .* takes fixed "
+                                                 r"steps .* refine it by substeps"):
+                no.odeint(field, jnp.ones(3), T01, solver=solver, **tolerance)
 
 
 def test_error_backsolve_options():
