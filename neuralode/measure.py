@@ -10,13 +10,16 @@
   runs); `gradient_memory_bytes(model, loss_fn, x, y)` is the temporary memory of a model's
   training-mode parameter gradient.
 - `accuracy(model, x, y)`: eval-mode top-1 accuracy in batches.
+- `mode(model, train=...)`: the context every measurement runs the model in; a measurement leaves
+  a model in the mode it found it (a user's training loop keeps its dropout and its regulariser).
 - `loglog_slope(x, y, floor)`: least-squares slope of log y against log x (convergence orders).
 - `pareto_front(points)`, `cheapest(points, at_least)`: accuracy-cost trade-offs of evaluations
   given as dicts with `test_acc` and `nfe_forward`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +32,26 @@ from neuralode.integrate import solve
 from neuralode.train_step import (check_failed_solves, check_step_metrics, logits_and_stats,
                                   metrics_and_gradients)
 
+MODE_ATTRIBUTES = ("deterministic", "use_running_average")  # what nnx's train() and eval() set
 MEMORY_FIELDS = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
                  "alias_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes")
+
+
+@contextlib.contextmanager
+def mode(model: nnx.Module, *, train: bool) -> Iterator[nnx.Module]:
+    """`model` in training (`model.train()`) or eval (`model.eval()`) mode inside the block, and
+    afterwards in the mode each of its modules was in before: switching a model to eval mode for
+    a measurement and leaving it there would turn off, for the training steps that follow in a
+    loop of the user's, the Dropout, BatchNorm statistics or RNODE regulariser it trains with."""
+    saved = [(module, {name: getattr(module, name) for name in MODE_ATTRIBUTES if hasattr(module, name)})
+             for _, module in nnx.iter_modules(model)]
+    model.train() if train else model.eval()
+    try:
+        yield model
+    finally:
+        for module, attributes in saved:
+            for name, value in attributes.items():
+                setattr(module, name, value)
 
 
 def count_params(model: nnx.Module) -> int:
@@ -44,9 +65,9 @@ def count_params(model: nnx.Module) -> int:
 def forward_stats(model: nnx.Module, x) -> dict[str, float]:
     """The statistics of one eval-mode `model.forward(x)` (a classifier of `neuralode.models`):
     `nfe` (field evaluations of all stages) and, for the fixed-step models, `nfe_backward` (those
-    of backprop); raises if a stage's solve failed. Leaves `model` in eval mode."""
-    model.eval()
-    stats = {k: float(v) for k, v in _forward_stats(model, jnp.asarray(x)).items()}
+    of backprop); raises if a stage's solve failed. `model` keeps its mode."""
+    with mode(model, train=False):
+        stats = {k: float(v) for k, v in _forward_stats(model, jnp.asarray(x)).items()}
     check_failed_solves(stats.get("failed_solves", 0), "forward_stats")
     return stats
 
@@ -123,10 +144,9 @@ def _loss_and_grad(model: nnx.Module, loss_fn: Callable):
     """The training-mode `loss_fn` output `(loss, metrics)` and the train step's `(metrics,
     parameter gradient)` (`metrics_and_gradients`: the backward report in the metrics, no host
     callback of `BacksolveAdjoint`) as pure functions of the model state (the RNODE noise counter
-    may advance in the trace); `model` is left in eval mode."""
-    model.train()
-    graphdef, state = nnx.split(model)
-    model.eval()
+    may advance in the trace); `model` keeps its mode."""
+    with mode(model, train=True):
+        graphdef, state = nnx.split(model)
 
     def loss(state, x, y):
         return loss_fn(nnx.merge(graphdef, state), x, y)
@@ -166,20 +186,21 @@ def accuracy(model: nnx.Module, x, y, batch_size: int = 1000) -> float:
     """Top-1 accuracy of the eval-mode classifier `model` on `(x, y)`, `batch_size` at a time.
     `y` holds one class index per example, in [0, classes) of the model's logits: one-hot rows or
     labels counted from 1 raise ValueError (they would score as wrong, silently). Raises if a
-    classifier of `neuralode.models` reports a failed ODE solve on some batch."""
+    classifier of `neuralode.models` reports a failed ODE solve on some batch. `model` keeps its
+    mode."""
     y = np.asarray(y)
     if y.ndim != 1 or not np.array_equal(y, np.round(y)):
         raise ValueError(f"y: expected one integer class index per example, shape (N,), got an "
                          f"array of shape {y.shape} and dtype {y.dtype}")
-    model.eval()
     correct = 0
-    for xb, yb in batches(x, y, batch_size):
-        predicted, failed, classes = _predict(model, xb)
-        check_failed_solves(float(failed), "accuracy")
-        if yb.min() < 0 or yb.max() >= int(classes):
-            raise ValueError(f"y: labels in [{y.min()}, {y.max()}], but the model has {int(classes)} "
-                             f"classes, so they must lie in [0, {int(classes) - 1}]")
-        correct += int(np.sum(np.asarray(predicted) == yb))
+    with mode(model, train=False):
+        for xb, yb in batches(x, y, batch_size):
+            predicted, failed, classes = _predict(model, xb)
+            check_failed_solves(float(failed), "accuracy")
+            if yb.min() < 0 or yb.max() >= int(classes):
+                raise ValueError(f"y: labels in [{y.min()}, {y.max()}], but the model has "
+                                 f"{int(classes)} classes, so they must lie in [0, {int(classes) - 1}]")
+            correct += int(np.sum(np.asarray(predicted) == yb))
     return correct / len(y)
 
 

@@ -104,6 +104,38 @@ def test_accuracy_in_batches_equals_the_whole_batch():
         accuracy(model, x, y + 0.5)
 
 
+class Noisy(nnx.Module):
+    """A classifier with what `train()` and `eval()` switch: BatchNorm and Dropout."""
+
+    def __init__(self):
+        self.linear = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+        self.norm = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+        self.dropout = nnx.Dropout(0.5, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+        return self.dropout(self.norm(self.linear(x)))
+
+
+def test_measurements_leave_the_model_in_the_mode_they_found_it():
+    """accuracy, forward_stats and gradient_memory_bytes left a model in eval mode: a training
+    loop of the user's that measured between steps went on without Dropout, BatchNorm's batch
+    statistics or RNODE's regulariser (this ODE-Net's loss fell from 10.0 to 1.12, silently)."""
+    x, y = sequences()
+    rnode = ODENet(1, 3, channels=(2,), spatial_dims=1, kinetic_weight=1.0, rngs=nnx.Rngs(0))
+    accuracy(rnode, x, y)
+    forward_stats(rnode, x)
+    gradient_memory_bytes(rnode, classification_loss, x, y)
+    assert not rnode.deterministic
+    assert classification_loss(rnode, x, y)[1]["regularisation"] > 0
+    noisy = Noisy()
+    modes = lambda: (noisy.norm.use_running_average, noisy.dropout.deterministic)  # noqa: E731
+    for before in ((False, False), (True, True), (False, True)):  # train, eval, and mixed
+        noisy.norm.use_running_average, noisy.dropout.deterministic = before
+        accuracy(noisy, x[:, :4, 0], y)
+        gradient_memory_bytes(noisy, lambda m, x, y: (jnp.mean(m(x)), {}), x[:, :4, 0], y)
+        assert modes() == before
+
+
 def test_measurements_raise_when_a_model_reports_a_failed_solve():
     model = ODENet(1, 3, channels=(4,), spatial_dims=1, rtol=1e-9, atol=1e-9, max_steps=3,
                    adjoint=no.CheckpointAdjoint(), rngs=nnx.Rngs(0))
