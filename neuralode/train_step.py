@@ -35,12 +35,24 @@ TrainStep = Callable[..., tuple[nnx.State, dict[str, jax.Array]]]
 
 
 def classification_metrics(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean softmax cross-entropy of `logits` (batch, classes) against integer `labels`, and accuracy."""
+    """Mean softmax cross-entropy of `logits` (batch, classes) against integer `labels`, and accuracy.
+
+    Labels must lie in [0, classes): concrete ones outside raise ValueError; traced ones make the
+    loss nan (a label -1, the usual "ignore", was read as the last class: a finite loss for the
+    wrong target, without a word)."""
     if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
         raise ValueError(
             f"logits: expected shape (batch, num_classes) with batch {labels.shape[0]}, found {logits.shape}"
         )
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    classes = logits.shape[-1]
+    if not isinstance(labels, jax.core.Tracer) and labels.size:
+        low, high = int(np.min(labels)), int(np.max(labels))
+        if low < 0 or high >= classes:
+            raise ValueError(f"labels: found labels in [{low}, {high}], but the logits have {classes} "
+                             f"classes, so they must lie in [0, {classes - 1}]")
+    in_range = jnp.all((labels >= 0) & (labels < classes))
+    loss = jnp.where(in_range, optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
+                     jnp.nan)
     predicted = jnp.argmax(logits, axis=-1)
     accuracy = (predicted == labels.astype(predicted.dtype)).astype(logits.dtype).mean()
     return loss, {"loss": loss, "accuracy": accuracy}

@@ -258,6 +258,21 @@ def test_model_with_wrong_logits_is_refused(tmp_path):
         train(model, data, train_script.CONFIG, tmp_path)
 
 
+def test_labels_outside_the_classes_raise_or_make_the_loss_nan():
+    """A label -1 (the usual "ignore") was read as the last class: a finite loss for the wrong
+    target in a loop of the user's, where `train`'s check of the data set does not run."""
+    logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    metrics = jax.jit(training.classification_metrics)
+    for labels in ([0, -1], [0, 3]):
+        with pytest.raises(ValueError, match=rf"labels: found labels in \[{min(labels)}, {max(labels)}\], "
+                                             r"but the logits have 3 classes, so they must lie in \[0, 2\]"):
+            training.classification_metrics(logits, jnp.array(labels))
+        assert jnp.isnan(metrics(logits, jnp.array(labels))[0])
+    # in range: the cross-entropy, -log softmax(2, 0, 0)_0 for both rows
+    np.testing.assert_allclose(metrics(logits, jnp.array([0, 1]))[0], np.log(1 + 2 * np.exp(-2.0)),
+                               rtol=1e-6)
+
+
 def test_custom_loss_fn_adds_regulariser_and_metrics(tmp_path):
     """The hook an ODE model uses: extra loss terms and extra metrics (e.g. NFE) logged per epoch."""
 
