@@ -70,14 +70,21 @@ def validate_dataset(dataset: Dataset, *, labels: bool = True) -> None:
             raise ValueError(f"{name}: y_{split} of shape {y.shape} and dtype {y.dtype}: the default "
                              "classification loss needs one integer label per example, shape (N,) "
                              "(pass a loss_fn to train on other targets)")
-        if len(y) and (y.min() < 0 or y.max() >= dataset.num_classes):
-            raise ValueError(f"{name}: y_{split} holds labels in [{y.min()}, {y.max()}], "
-                             f"expected [0, {dataset.num_classes - 1}]")
+        check_labels(f"{name}: y_{split}", y, dataset.num_classes, "the data set has")
     if len(dataset.x_train) == 0:
         raise ValueError(f"{name}: x_train holds no examples; training needs at least one")
     if dataset.x_train.shape[1:] != dataset.x_test.shape[1:]:
         raise ValueError(f"{name}: train inputs {dataset.x_train.shape[1:]} and test inputs "
                          f"{dataset.x_test.shape[1:]} differ in shape")
+
+
+def check_labels(name: str, y, classes: int, whose: str) -> None:
+    """Raise ValueError naming `name` unless the concrete labels `y` are class indices in
+    [0, classes) (`whose` says where the classes come from: "the model has"). Labels counted from 1,
+    or -1 for "ignore", would otherwise be scored or trained as other classes, silently."""
+    if np.size(y) and (np.min(y) < 0 or np.max(y) >= classes):
+        raise ValueError(f"{name}: labels in [{np.min(y)}, {np.max(y)}], but {whose} {classes} "
+                         f"classes, so they must lie in [0, {classes - 1}]")
 
 
 def load_digits(seed: int = 0) -> Dataset:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from neuralode.data import batches
+from neuralode.data import batches, check_labels
 from neuralode.fields import LOWEST_OPTIMISATION
 from neuralode.integrate import solve
 from neuralode.train_step import (check_failed_solves, check_step_metrics, logits_and_stats,
@@ -197,9 +197,7 @@ def accuracy(model: nnx.Module, x, y, batch_size: int = 1000) -> float:
         for xb, yb in batches(x, y, batch_size):
             predicted, failed, classes = _predict(model, xb)
             check_failed_solves(float(failed), "accuracy")
-            if yb.min() < 0 or yb.max() >= int(classes):
-                raise ValueError(f"y: labels in [{y.min()}, {y.max()}], but the model has "
-                                 f"{int(classes)} classes, so they must lie in [0, {int(classes) - 1}]")
+            check_labels("y", y, int(classes), "the model has")
             correct += int(np.sum(np.asarray(predicted) == yb))
     return correct / len(y)
 

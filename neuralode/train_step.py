@@ -29,6 +29,7 @@ from flax import nnx
 
 from neuralode.adjoints import check_backward_report
 from neuralode.backsolve import REPORT_FIELDS, reporting_backward
+from neuralode.data import check_labels
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 TrainStep = Callable[..., tuple[nnx.State, dict[str, jax.Array]]]
@@ -45,11 +46,8 @@ def classification_metrics(logits: jax.Array, labels: jax.Array) -> tuple[jax.Ar
             f"logits: expected shape (batch, num_classes) with batch {labels.shape[0]}, found {logits.shape}"
         )
     classes = logits.shape[-1]
-    if not isinstance(labels, jax.core.Tracer) and labels.size:
-        low, high = int(np.min(labels)), int(np.max(labels))
-        if low < 0 or high >= classes:
-            raise ValueError(f"labels: found labels in [{low}, {high}], but the logits have {classes} "
-                             f"classes, so they must lie in [0, {classes - 1}]")
+    if not isinstance(labels, jax.core.Tracer):
+        check_labels("labels", labels, classes, "the logits have")
     in_range = jnp.all((labels >= 0) & (labels < classes))
     loss = jnp.where(in_range, optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
                      jnp.nan)

@@ -226,7 +226,7 @@ def test_validate_dataset_names_the_problem():
     ds = data.load_digits()
     data.validate_dataset(ds)
     bad = ds._replace(y_test=ds.y_test + 5)
-    with pytest.raises(ValueError, match=r"y_test holds labels in \[5, 14\], expected \[0, 9\]"):
+    with pytest.raises(ValueError, match=r"y_test: labels in \[5, 14\], but the data set has 10 classes, so they must lie in \[0, 9\]"):
         data.validate_dataset(bad)
     with pytest.raises(ValueError, match=r"x_train \(1437, 8, 8, 1\) and y_train \(1436,\) must hold the same "
                                          r"number of examples \(their first axes\)"):

@@ -264,7 +264,7 @@ def test_labels_outside_the_classes_raise_or_make_the_loss_nan():
     logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
     metrics = jax.jit(training.classification_metrics)
     for labels in ([0, -1], [0, 3]):
-        with pytest.raises(ValueError, match=rf"labels: found labels in \[{min(labels)}, {max(labels)}\], "
+        with pytest.raises(ValueError, match=rf"labels: labels in \[{min(labels)}, {max(labels)}\], "
                                              r"but the logits have 3 classes, so they must lie in \[0, 2\]"):
             training.classification_metrics(logits, jnp.array(labels))
         assert jnp.isnan(metrics(logits, jnp.array(labels))[0])
