@@ -36,8 +36,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as Spec
 
 from experiments.common import blocking_calls, compile_all
-from neuralode.parallel import depth_mesh
+from neuralode.parallel import MGRIT, depth_mesh
+from neuralode.parallel.layer import _setup as layer_problem  # the solve's own propagators
 from neuralode.parallel.mgrit import Ring, sweep
+from neuralode.solvers import Euler
 
 RING_STEPS = 1024  # hand-offs per latency measurement
 PHASES = ("sweep", "relax", "adjoint_sweep", "adjoint_relax")
@@ -91,56 +93,45 @@ def ring_calls(cfg, counts: list[int], steps: int = RING_STEPS) -> dict:
 
 def phase_calls(cfg, field: nnx.Module, counts: list[int], rounds: int) -> dict:
     """Compiled blocking calls of MGRIT's two phases on P devices, each run `rounds` times in one
-    compiled loop, by (phase, P): "relax", every device stepping its N/(mP) intervals through their
-    m layers of `field` (a `DepthStack` of depth N, Euler steps of size T/N) at once, and
-    "sweep", the pipelined coarse sweep (`neuralode.parallel.mgrit.sweep`: one Euler step of size
-    m h per interval, interval after interval along the devices); "adjoint_relax" and
-    "adjoint_sweep" the same by the steps' vector-Jacobian products, from the last device."""
-    graphdef, params, rest = nnx.split(field, nnx.Param, ...)
-    m, h = cfg.coarsening, cfg.horizon / field.depth
-
-    def step(params, rest, u, size):
-        return u + size * nnx.merge(graphdef, params, rest).layers(0.0, u)
+    compiled loop, by (phase, P), with the propagators `layer_parallel_solve` runs
+    (`neuralode.parallel.layer`: the network's own layers of `field`, a `DepthStack` of depth N,
+    Euler steps of size T/N): "relax", every device stepping its N/(mP) intervals through their m
+    layers at once, and "sweep", the pipelined coarse sweep (`neuralode.parallel.mgrit.sweep`: one
+    Euler step of size m h per interval, interval after interval along the devices);
+    "adjoint_relax" and "adjoint_sweep" the same by the steps' vector-Jacobian products, from the
+    last device."""
+    y0 = jnp.full((cfg.batch, cfg.width), 0.1, jax.tree.leaves(nnx.state(field, nnx.Param))[0].dtype)
 
     def varying(tree):
         return jax.tree.map(lambda x: lax.pcast(jnp.zeros(x.shape, x.dtype), "depth",
                                                 to="varying"), tree)
 
-    def on_device(layers, u, phase, devices):
-        n, adjoint = u.shape[0], phase.startswith("adjoint")  # n: this device's intervals
-        layers = jax.tree.map(lambda x: x.reshape((n, m) + x.shape[1:]), layers)
-
-        def propagate(i, v, s, size):  # v: a state, or a cotangent at the state u[i]
-            params, rest = jax.tree.map(lambda x: x[i, s], layers)
-            if not adjoint:
-                return step(params, rest, v, size), v
-            return jax.vjp(lambda u, params: step(params, rest, u, size), u[i], params)[1](v)
-
-        def interval(i, v):  # m steps, as MGRIT's fine propagator: (end, what it keeps)
-            return lax.scan(lambda v, s: propagate(i, v, s, h), v, jnp.arange(m), reverse=adjoint)
-
+    def on_device(problem, layers, states, t0, h, phase):
+        adjoint, n = phase.startswith("adjoint"), problem.intervals
+        fine, coarse = (problem.adjoint_propagators(layers, states, jnp.zeros_like(states), t0, h)
+                        if adjoint else problem.propagators(layers, t0, h))
+        starts = states.reshape((n, -1) + states.shape[1:])[:, 0]  # the intervals' first states
         if phase.endswith("relax"):
             def one_round(_, carry):
-                return jax.vmap(interval)(jnp.arange(n), carry[0])
-            kept = jax.eval_shape(lambda: jax.vmap(interval)(jnp.arange(n), u)[1])
-            return lax.fori_loop(0, rounds, one_round, (u, varying(kept)))  # all it keeps
-        ring = Ring("depth", devices, reverse=adjoint)
-
-        def coarse(i, v):  # one step of size m h with the interval's first layer
-            return propagate(n - 1 - i if adjoint else i, v, 0, m * h)[0], ()
-        return lax.fori_loop(0, rounds, lambda _, v: sweep(ring, coarse, varying(u), v[0])[0],
-                             varying(u))
+                return jax.vmap(fine)(jnp.arange(n), carry[0])
+            kept = jax.eval_shape(lambda: jax.vmap(fine)(jnp.arange(n), starts)[1])
+            return lax.fori_loop(0, rounds, one_round, (starts, varying(kept)))  # all it keeps
+        ring = Ring("depth", problem.devices, reverse=adjoint)
+        return lax.fori_loop(0, rounds, lambda _, v: sweep(ring, lambda i, v: (coarse(i, v), ()),
+                                                           varying(starts), v[0])[0],
+                             varying(starts))
 
     fns, args = {}, {}
-    dtype = jax.tree.leaves(params)[0].dtype
-    states = jnp.full((field.depth // m, cfg.batch, cfg.width), 0.1, dtype)
     for p in counts:
         mesh, spec = depth_mesh(p), Spec("depth")
-        placed = jax.device_put(((params, rest), states), NamedSharding(mesh, spec))
+        problem, layers, flat_y0, t0, t1 = layer_problem(field, y0, 0.0, cfg.horizon, Euler(),
+                                                         MGRIT(coarsening=cfg.coarsening), mesh)
+        states = jnp.tile(flat_y0, (field.depth, 1))  # u_0 .. u_{N-1}, flat as the solve has them
+        placed = jax.device_put((layers, states), NamedSharding(mesh, spec))
         for phase in PHASES:
-            fns[phase, p] = jax.jit(jax.shard_map(
-                lambda layers, u, phase=phase, p=p: on_device(layers, u, phase, p),
-                mesh=mesh, in_specs=spec, out_specs=spec))
+            def call(layers, states, problem=problem, t0=t0, t1=t1, phase=phase):
+                return on_device(problem, layers, states, t0, (t1 - t0) / problem.depth, phase)
+            fns[phase, p] = jax.jit(problem.shard_map(call, (spec, spec), spec))
             args[phase, p] = placed
     return blocking_calls(compile_all(fns, args)[0], args)
 

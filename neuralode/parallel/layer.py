@@ -123,6 +123,51 @@ class _Problem(NamedTuple):
         shaped = jax.tree.map(lambda x: x.reshape((self.intervals, m) + x.shape[1:]), tree)
         return shaped, lax.axis_index(DEPTH) * self.intervals
 
+    def propagators(self, layers, t0, h):
+        """MGRIT's propagators of the forward solve on this device (inside `shard_map`):
+        fine(i, v) -> (end, states), the m steps of local interval i from v, keeping each step's
+        start; coarse(i, v), Psi: one step of size m h with the interval's first layer."""
+        m = self.settings.coarsening
+        layers, first = self.local(layers)
+
+        def fine(i, v):
+            def body(u, s):
+                layer = jax.tree.map(lambda x: x[i, s], layers)
+                return self.step((first + i) * m + s, layer, u, t0, h, h), u
+            return lax.scan(body, v, jnp.arange(m))
+
+        def coarse(i, v):
+            layer = jax.tree.map(lambda x: x[i, 0], layers)
+            return self.step((first + i) * m, layer, v, t0, h, m * h)
+        return fine, coarse
+
+    def adjoint_propagators(self, layers, states, cotangents, t0, h):
+        """Those of the adjoint solve, from the last interval (i counts the intervals backwards):
+        fine(i, a) -> (end, parameter gradients) by the vector-Jacobian products of the m steps
+        around the forward `states` (u_n of this device's layers), adding the `cotangents` of the
+        states; coarse(i, a) by Psi's."""
+        m, n = self.settings.coarsening, self.intervals
+        layers, first = self.local(layers)
+        states, cotangents = (x.reshape((n, m) + x.shape[1:]) for x in (states, cotangents))
+
+        def fine(i, a):
+            k = n - 1 - i
+
+            def body(a, s):  # the steps go from the interval's last to its first
+                params, rest = jax.tree.map(lambda x: x[k, s], layers)
+                step = lambda u, params: self.step(  # noqa: E731
+                    (first + k) * m + s, (params, rest), u, t0, h, h)
+                a_u, a_params = jax.vjp(step, states[k, s], params)[1](a)
+                return a_u + cotangents[k, s], a_params
+            return lax.scan(body, a, jnp.arange(m), reverse=True)
+
+        def coarse(i, a):
+            k = n - 1 - i
+            layer = jax.tree.map(lambda x: x[k, 0], layers)
+            step = lambda u: self.step((first + k) * m, layer, u, t0, h, m * h)  # noqa: E731
+            return jax.vjp(step, states[k, 0])[1](a)[0] + cotangents[k, 0]
+        return fine, coarse
+
     def shard_map(self, fn, in_specs, out_specs):
         return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
                              axis_names={DEPTH})
@@ -136,21 +181,9 @@ def _from_device(index, x):
 def _forward(problem: _Problem, layers, y0, t0, t1):
     """The states u_0 .. u_{N-1} (sharded over depth), u_N and the statistics."""
     m, n = problem.settings.coarsening, problem.intervals
-    h = (t1 - t0) / problem.depth
 
     def on_device(layers, y0, t0, t1):
-        layers, first = problem.local(layers)
-
-        def fine(i, v):
-            def body(u, s):
-                layer = jax.tree.map(lambda x: x[i, s], layers)
-                return problem.step((first + i) * m + s, layer, u, t0, h, h), u
-            return lax.scan(body, v, jnp.arange(m))
-
-        def coarse(i, v):
-            layer = jax.tree.map(lambda x: x[i, 0], layers)
-            return problem.step((first + i) * m, layer, v, t0, h, m * h)
-
+        fine, coarse = problem.propagators(layers, t0, (t1 - t0) / problem.depth)
         ring = Ring(DEPTH, problem.devices, reverse=False)
         ends, states, stats = solve_mgrit(ring, fine, coarse, y0, n, problem.settings)
         last = _from_device(problem.devices - 1, ends[-1])
@@ -165,29 +198,10 @@ def _backward(problem: _Problem, layers, states, t0, t1, cotangents, last_cotang
     """The adjoint by MGRIT from the last layer to the first: (parameter gradients, dL/dy0,
     statistics). `states` are u_0 .. u_{N-1}, `cotangents` those of u_0 .. u_{N-1}."""
     m, n = problem.settings.coarsening, problem.intervals
-    h = (t1 - t0) / problem.depth
 
     def on_device(layers, states, t0, t1, cotangents, last_cotangent):
-        layers, first = problem.local(layers)
-        states, cotangents = (x.reshape((n, m) + x.shape[1:]) for x in (states, cotangents))
-
-        def fine(i, a):  # i counts the intervals backwards; steps go from the last to the first
-            k = n - 1 - i
-
-            def body(a, s):
-                params, rest = jax.tree.map(lambda x: x[k, s], layers)
-                step = lambda u, params: problem.step(  # noqa: E731
-                    (first + k) * m + s, (params, rest), u, t0, h, h)
-                a_u, a_params = jax.vjp(step, states[k, s], params)[1](a)
-                return a_u + cotangents[k, s], a_params
-            return lax.scan(body, a, jnp.arange(m), reverse=True)
-
-        def coarse(i, a):
-            k = n - 1 - i
-            layer = jax.tree.map(lambda x: x[k, 0], layers)
-            step = lambda u: problem.step((first + k) * m, layer, u, t0, h, m * h)  # noqa: E731
-            return jax.vjp(step, states[k, 0])[1](a)[0] + cotangents[k, 0]
-
+        fine, coarse = problem.adjoint_propagators(layers, states, cotangents, t0,
+                                                   (t1 - t0) / problem.depth)
         ring = Ring(DEPTH, problem.devices, reverse=True)
         ends, grads, stats = solve_mgrit(ring, fine, coarse, last_cotangent, n,
                                          problem.settings.backward())
