@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from experiments.common import flag, flag_like, main, plot_history
+from experiments.common import flag, flag_like, main, plot_history, resume_or_clear
 from neuralode.data import DATASET_NAMES, Dataset, load_dataset
 from neuralode.measure import count_params, forward_stats
 from neuralode.models import ModelSpec, build_model
@@ -88,7 +88,7 @@ def run(cfg: Config) -> dict:
     name = f"classify_{cfg.dataset}_{cfg.model}"
     workdir = Path(cfg.out) / name
     model = build_model(spec, dataset)
-    last = train(model, dataset, train_config(cfg), workdir, resume=cfg.resume,
+    last = train(model, dataset, train_config(cfg), workdir, resume=resume_or_clear(workdir, cfg.resume),
                  loss_fn=classification_loss, model_config=dataclasses.asdict(spec))
     history = read_metrics(workdir)
     figure = plot_history(cfg, history, f"{cfg.model} on {cfg.dataset}", name)

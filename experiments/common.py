@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from neuralode.rundir import has_checkpoints
 
 
 def flag(default, help: str, **metadata) -> Any:
@@ -133,6 +136,19 @@ def plot_history(cfg, history: list[dict], title: str, name: str) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     return save_figure(cfg, fig, name)
+
+
+def resume_or_clear(workdir: Path, resume: bool) -> bool:
+    """The `resume` to pass `neuralode.train.train` for an experiment's own run directory: True
+    (continue) with --resume where it holds a checkpoint; otherwise False, after deleting what an
+    earlier run left there. The run directories are the experiment's outputs, rewritten on every
+    run like its JSON and figures, so running a command twice does not fail on the first run's
+    (train refuses a directory that holds a run unless it resumes it)."""
+    if resume and has_checkpoints(workdir):
+        return True
+    if os.path.lexists(workdir):
+        shutil.rmtree(workdir)
+    return False
 
 
 def run_experiment(module_name: str, config_cls, run: Callable, quick_overrides: dict,

@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import shutil
 import sys
 
 
@@ -90,7 +89,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import neuralode  # noqa: E402
-from experiments.common import main, save_figure  # noqa: E402
+from experiments.common import main, resume_or_clear, save_figure  # noqa: E402
 from neuralode import compiled_init  # noqa: E402
 from neuralode.data import load_dataset  # noqa: E402
 from neuralode.parallel import (MGRIT, depth_mesh, layer_parallel_solve,  # noqa: E402
@@ -184,9 +183,7 @@ def _train(cfg: Config, model, dataset, workdir: Path) -> list[dict]:
     config = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size,
                          learning_rate=cfg.learning_rate, seed=cfg.seed, progress=cfg.progress,
                          checkpoint_every=10**9, keep_checkpoints=1)
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    train(model, dataset, config, workdir)
+    train(model, dataset, config, workdir, resume=resume_or_clear(workdir, resume=False))
     return read_metrics(workdir)
 
 

@@ -47,13 +47,12 @@ from flax import nnx
 
 from experiments._table_report import (AT_RNODE_RTOL, LABELS, markdown, memory_markdown,
                                        plot_memory, plot_sweep, sweep_markdown)
-from experiments.common import flag, flag_like, main, plot_history, write_json
+from experiments.common import flag, flag_like, main, plot_history, resume_or_clear, write_json
 from neuralode.data import Dataset, load_dataset
 from neuralode.measure import (accuracy, cheapest, count_params, counted_nfe, forward_stats,
                                gradient_memory_bytes, pareto_front)
 from neuralode.models import ModelSpec, build_model, rebuild
 from neuralode.models.spec import RUNGE_KUTTA
-from neuralode.rundir import has_checkpoints
 from neuralode.train import TrainConfig, classification_loss, read_metrics, train
 
 MODELS = ("resnet", "plainnet", "rknet", "odenet", "anode", "odenet_tight", "rnode")
@@ -152,7 +151,7 @@ def evaluate_row(cfg: Config, dataset_name: str, row: str,
     spec, workdir = row_spec(cfg, dataset_name, row), Path(cfg.out) / name
     model = build_model(spec, dataset)
     last = train(model, dataset, row_train_config(cfg, dataset_name, row), workdir,
-                 resume=cfg.resume and has_checkpoints(workdir),
+                 resume=resume_or_clear(workdir, cfg.resume),
                  loss_fn=classification_loss, model_config=dataclasses.asdict(spec))
     plot_history(cfg, read_metrics(workdir), f"{LABELS[row]} on {dataset_name}", name)
     stats = forward_stats(model, dataset.x_test[:cfg.batch_size])

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from experiments.common import compilation_cache_dir
+from experiments.common import compilation_cache_dir, resume_or_clear
 from helpers import xla_flags_for_long_runs
 
 
@@ -39,6 +39,21 @@ def test_runs_the_named_experiments_into_a_report_and_fills_the_compilation_cach
     assert "## stages (ok" in report and "| C3 |" in report  # its headline and its claims row
     assert report.index("## stages") < report.index("## init_variance")  # in the order asked for
     assert any((tmp_path / "cache" / "neuralode" / "jax").iterdir())  # compiled programs kept
+
+
+def test_an_experiments_run_directory_is_resumed_with_resume_and_started_afresh_without(tmp_path):
+    """Running `python -m experiments` twice into the same directory failed in classify and table:
+    train refused the run directories the first run had left (FileExistsError)."""
+    from neuralode.rundir import METRICS_FILE, checkpoints_dir
+
+    workdir = tmp_path / "classify_digits_resnet"
+    workdir.mkdir()
+    (workdir / METRICS_FILE).write_text('{"epoch": 1}\n')
+    assert resume_or_clear(workdir, resume=True) is False and not workdir.exists()  # no checkpoint
+    os.makedirs(Path(checkpoints_dir(workdir)) / "40")
+    assert resume_or_clear(workdir, resume=True) is True and workdir.exists()
+    assert resume_or_clear(workdir, resume=False) is False and not workdir.exists()
+    assert resume_or_clear(workdir, resume=False) is False  # nothing there: nothing to clear
 
 
 def test_the_longest_experiment_starts_first_and_the_benchmarks_come_last():
