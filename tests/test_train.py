@@ -23,7 +23,8 @@ from neuralode import rundir
 from neuralode.checkpoints import UNUSABLE_DIR, host_arrays
 from neuralode import train as training
 from neuralode.data import Dataset
-from neuralode.resume import check_config_matches, check_model_config_matches
+from neuralode.resume import (check_config_matches, check_model_config_matches, check_resumable,
+                             run_identity)
 from neuralode.rundir import CHECKPOINTS_DIR, METRICS_FILE, read_metrics
 from neuralode.train import TrainConfig, learning_rate_schedule, make_train_state, make_train_step, train
 
@@ -234,6 +235,14 @@ def test_workdir_and_config_mismatches_are_refused(reference, tmp_path):
     smaller = data._replace(x_train=data.x_train[:80], y_train=data.y_train[:80])
     with pytest.raises(ValueError, match=r"dataset: checkpoint was trained on .*'train': \[160, 8, 1\]"):
         train(train_script.make_model(), smaller, train_script.CONFIG, workdir, resume=True)
+    # the same name and shapes, other contents (another split; Fashion-MNIST in an MNIST directory)
+    other = data._replace(x_train=data.x_train[::-1])
+    with pytest.raises(ValueError, match=r"dataset: checkpoint was trained on .*'checksum': \d+\}, now "
+                                         r".*'checksum': \d+\}"):
+        train(train_script.make_model(), other, train_script.CONFIG, workdir, resume=True)
+    identity = run_identity(train_script.CONFIG, data, None)
+    older = {**identity, "dataset": {k: v for k, v in identity["dataset"].items() if k != "checksum"}}
+    check_resumable(older, identity, None)  # a checkpoint from before the checksum: not compared
 
 
 def test_resume_with_another_model_config_is_refused(tmp_path):
