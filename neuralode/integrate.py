@@ -205,7 +205,17 @@ def solve(f: Callable | nnx.Module, y0, ts, args=None, *, solver: AbstractSolver
     arrays = (y0, ts, args, tied, stacked, rtol, atol)
     # Traced inline; also where a backward report is collected, which a cached program would miss.
     if validation.is_traced((arrays, stepsize_controller, event)) or reporting():
-        return _solve(options, *arrays)
+        try:
+            return _solve(options, *arrays)
+        except TypeError as error:  # JAX's words for it name no argument
+            if "forward-mode autodiff (jvp) to a custom_vjp" not in str(error):
+                raise
+            advice = ("adjoint=diffrax.ForwardMode() (a Hessian is then jax.jacfwd(jax.jacfwd(...)))"
+                      if adaptive.is_diffrax_stepped(solver) else
+                      "adjoint=DiscreteAdjoint() or CheckpointAdjoint(), which it enters")
+            raise TypeError(f"adjoint: {adjoint!r} differentiates this solve in reverse mode only (a "
+                            "custom_vjp), which forward mode (jax.jvp, jax.jacfwd, jax.hessian) cannot "
+                            f"enter; pass {advice}") from error
     # A Python float in args would be static to the compiled program, one compilation per value;
     # as an array (weakly typed, as jax.jit makes it) every value runs the same program.
     args = jax.tree.map(lambda x: jnp.asarray(x) if is_inexact_scalar(x) else x, args)

@@ -122,6 +122,13 @@ def test_forward_mode_through_an_adaptive_solve():
     jac = jax.jacfwd(lambda y0: no.odeint(linear_field, y0, ts, adjoint=diffrax.ForwardMode(),
                                           rtol=1e-10, atol=1e-10)[-1])(Y0)
     np.testing.assert_allclose(jac, jax.scipy.linalg.expm(A * 1.5), rtol=1e-8, atol=1e-10)
+    # A reverse-mode adjoint names itself and the way out (JAX's message named neither).
+    for solver, adjoint, advice in ((no.Dopri5(), no.DiscreteAdjoint(), r"adjoint=diffrax\.ForwardMode\(\)"),
+                                    (no.RK4(), no.BacksolveAdjoint(), r"adjoint=DiscreteAdjoint\(\) or "
+                                                                      r"CheckpointAdjoint\(\)")):
+        with pytest.raises(TypeError, match=rf"adjoint: {type(adjoint).__name__}\(.*\) differentiates this "
+                                            rf"solve in reverse mode only .* pass {advice}"):
+            jax.jacfwd(lambda y0: no.odeint(linear_field, y0, ts, solver=solver, adjoint=adjoint)[-1])(Y0)
 
 
 ADJOINTS = [diffrax.RecursiveCheckpointAdjoint(), diffrax.BacksolveAdjoint(),
