@@ -63,9 +63,12 @@ class TrainConfig:
 
 
 def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
-    """Linear warm-up over `config.warmup_steps`, then constant or cosine decay to 0 at the end."""
-    peak = config.learning_rate
-    warmup = min(config.warmup_steps, total_steps)
+    """Linear warm-up over `config.warmup_steps`, then constant or cosine decay to 0 at the end.
+    A warm-up longer than the run is refused (the run would never reach the schedule it asks for)."""
+    peak, warmup = config.learning_rate, config.warmup_steps
+    if warmup > total_steps:
+        raise ValueError(f"TrainConfig.warmup_steps: {warmup} is more than the run's {total_steps} "
+                         "steps, so its learning rate would never reach its peak")
     if config.schedule == "cosine":
         after = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))
     else:

@@ -94,6 +94,8 @@ def test_config_rejects_bad_values_by_name():
 
 
 def test_learning_rate_schedules():
+    with pytest.raises(ValueError, match="TrainConfig.warmup_steps: 10 is more than the run's 9 steps"):
+        learning_rate_schedule(TrainConfig(warmup_steps=10), 9)  # was clamped: all warm-up, silently
     cosine = learning_rate_schedule(TrainConfig(learning_rate=0.1, schedule="cosine", warmup_steps=10), 110)
     np.testing.assert_allclose([cosine(0), cosine(5), cosine(10), cosine(60), cosine(110)],
                                [0.0, 0.05, 0.1, 0.05, 0.0], atol=1e-7)
