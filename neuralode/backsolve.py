@@ -145,8 +145,13 @@ def continuous_adjoint(checks, stepper, dynamics: Dynamics, y0, ts, args, tols):
     program `checks.report(mismatch, a)` (returns a), or into a backward report (see
     `reporting_backward`) `checks.reported(mismatch, failed)`, an array of `REPORT_FIELDS`."""
     layer0 = jax.tree.map(lambda x: x[0], dynamics.stacked)
-    # Closed-over tracers of the field become explicit inputs, so gradients reach them too.
-    func, consts = jax.closure_convert(dynamics.func, ts[0], y0, args, dynamics.tied, layer0)
+    # Python ints, bools and other non-floats in args stay static (a loop count, a flag); the
+    # rest is traced. Closed-over tracers of the field become explicit inputs, so gradients
+    # reach them too.
+    args, static = eqx.partition(args, lambda x: eqx.is_array(x) or is_inexact_scalar(x))
+    field = lambda t, y, args, tied, layer: dynamics.func(  # noqa: E731
+        t, y, eqx.combine(args, static), tied, layer)
+    func, consts = jax.closure_convert(field, ts[0], y0, args, dynamics.tied, layer0)
     probe, users = _REPORTING.get() or (None, [])
     users.append(checks)
     return _backsolve_function(func, stepper, checks)(y0, ts, args, dynamics.tied,
