@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as Spec
 from experiments.common import blocking_calls, compile_all
 from neuralode.parallel import MGRIT, depth_mesh
 from neuralode.parallel.layer import _setup as layer_problem  # the solve's own propagators
-from neuralode.parallel.mgrit import Ring, sweep
+from neuralode.parallel.mgrit import Ring, _varying_zeros, sweep
 from neuralode.solvers import Euler
 
 RING_STEPS = 1024  # hand-offs per latency measurement
@@ -102,24 +102,21 @@ def phase_calls(cfg, field: nnx.Module, counts: list[int], rounds: int) -> dict:
     last device."""
     y0 = jnp.full((cfg.batch, cfg.width), 0.1, jax.tree.leaves(nnx.state(field, nnx.Param))[0].dtype)
 
-    def varying(tree):
-        return jax.tree.map(lambda x: lax.pcast(jnp.zeros(x.shape, x.dtype), "depth",
-                                                to="varying"), tree)
-
     def on_device(problem, layers, states, t0, h, phase):
         adjoint, n = phase.startswith("adjoint"), problem.intervals
         fine, coarse = (problem.adjoint_propagators(layers, states, jnp.zeros_like(states), t0, h)
                         if adjoint else problem.propagators(layers, t0, h))
         starts = states.reshape((n, -1) + states.shape[1:])[:, 0]  # the intervals' first states
+        ring = Ring("depth", problem.devices, reverse=adjoint)
         if phase.endswith("relax"):
             def one_round(_, carry):
                 return jax.vmap(fine)(jnp.arange(n), carry[0])
             kept = jax.eval_shape(lambda: jax.vmap(fine)(jnp.arange(n), starts)[1])
-            return lax.fori_loop(0, rounds, one_round, (starts, varying(kept)))  # all it keeps
-        ring = Ring("depth", problem.devices, reverse=adjoint)
+            return lax.fori_loop(0, rounds, one_round,
+                                 (starts, _varying_zeros(ring, kept)))  # all it keeps
+        zeros = _varying_zeros(ring, starts)
         return lax.fori_loop(0, rounds, lambda _, v: sweep(ring, lambda i, v: (coarse(i, v), ()),
-                                                           varying(starts), v[0])[0],
-                             varying(starts))
+                                                           zeros, v[0])[0], zeros)
 
     fns, args = {}, {}
     for p in counts:
